@@ -1,0 +1,220 @@
+"""Typed batches that move between the driver and the actors.
+
+A `PreferenceBatch` holds B preference pairs as one right-padded tensor block of 2B rows:
+rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, so a single forward pass
+scores both halves (TRL's "concatenated forward"). `split(n)` / `concat` let the driver
+shard a batch over learners or micro-batches without knowing what is inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Mapping, Sequence
+
+import torch
+
+
+@dataclass
+class PreferenceBatch:
+    """B preference pairs, chosen rows first then rejected rows, right-padded.
+
+    `completion_mask` marks completion tokens (unshifted: position t is 1 when token t
+    belongs to the completion, eos included). `ref_*_logps` are present when the reference
+    log-probs were precomputed (or computed by a reference actor) for this batch.
+    """
+
+    input_ids: torch.Tensor  # (2B, L) long
+    attention_mask: torch.Tensor  # (2B, L) long
+    completion_mask: torch.Tensor  # (2B, L) long
+    ref_chosen_logps: torch.Tensor | None = None  # (B,) float
+    ref_rejected_logps: torch.Tensor | None = None  # (B,) float
+    margin: torch.Tensor | None = None  # (B,) float, reward-model margin column
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[Mapping] | Mapping[str, Sequence],
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+    ) -> "PreferenceBatch":
+        """Collate tokenized rows (`prompt_ids`, `chosen_ids`, `rejected_ids`, optional
+        `ref_chosen_logps`, `ref_rejected_logps`, `margin`) into a padded batch.
+
+        Accepts a list of row dicts or a dict of columns (what Ray Data's
+        `iter_batches(batch_format="numpy")` yields).
+        """
+        rows = _as_row_list(rows)
+        if not rows:
+            raise ValueError("PreferenceBatch.from_rows got an empty batch")
+        seqs, masks = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for row in rows:
+                prompt = [int(t) for t in row["prompt_ids"]]
+                completion = [int(t) for t in row[key]]
+                seqs.append(prompt + completion)
+                masks.append([0] * len(prompt) + [1] * len(completion))
+        input_ids, attention_mask, completion_mask = pad_sequences(
+            seqs, masks, pad_token_id, pad_to_multiple_of
+        )
+        extras = {}
+        for name in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
+            if all(name in row and row[name] is not None for row in rows):
+                extras[name] = torch.tensor([float(row[name]) for row in rows], dtype=torch.float32)
+        return cls(input_ids, attention_mask, completion_mask, **extras)
+
+    def split(self, n: int) -> list["PreferenceBatch"]:
+        """Split into n batches of (nearly) equal numbers of pairs, keeping pairs whole."""
+        b = len(self)
+        if n < 1 or n > b:
+            raise ValueError(f"cannot split a batch of {b} pairs into {n} parts")
+        sizes = [b // n + (1 if i < b % n else 0) for i in range(n)]
+        out, start = [], 0
+        for size in sizes:
+            idx = list(range(start, start + size))
+            out.append(self.select(idx))
+            start += size
+        return out
+
+    def select(self, pair_indices: Sequence[int]) -> "PreferenceBatch":
+        """The sub-batch of the given pair indices (trailing all-padding columns dropped)."""
+        b = len(self)
+        idx = torch.tensor(list(pair_indices), dtype=torch.long)
+        rows = torch.cat([idx, idx + b])
+        attention = self.attention_mask[rows]
+        width = int(attention.sum(dim=1).max().item()) if attention.numel() else 0
+        width = max(width, 1)
+        kwargs = {
+            "input_ids": self.input_ids[rows, :width],
+            "attention_mask": attention[:, :width],
+            "completion_mask": self.completion_mask[rows, :width],
+        }
+        for name in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
+            value = getattr(self, name)
+            kwargs[name] = None if value is None else value[idx]
+        return PreferenceBatch(**kwargs)
+
+    @staticmethod
+    def concat(batches: Sequence["PreferenceBatch"], pad_token_id: int = 0) -> "PreferenceBatch":
+        """Concatenate batches pair-wise (chosen halves first, then rejected halves)."""
+        if not batches:
+            raise ValueError("PreferenceBatch.concat got no batches")
+        width = max(b.input_ids.shape[1] for b in batches)
+
+        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        def halves(name: str, value: int) -> torch.Tensor:
+            parts = [pad(getattr(b, name), value) for b in batches]
+            chosen = [p[: p.shape[0] // 2] for p in parts]
+            rejected = [p[p.shape[0] // 2 :] for p in parts]
+            return torch.cat(chosen + rejected)
+
+        kwargs = {
+            "input_ids": halves("input_ids", pad_token_id),
+            "attention_mask": halves("attention_mask", 0),
+            "completion_mask": halves("completion_mask", 0),
+        }
+        for name in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
+            values = [getattr(b, name) for b in batches]
+            kwargs[name] = None if any(v is None for v in values) else torch.cat(values)
+        return PreferenceBatch(**kwargs)
+
+    def to(self, device: torch.device | str) -> "PreferenceBatch":
+        return PreferenceBatch(
+            **{
+                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                for f in fields(self)
+            }
+        )
+
+    def with_reference(self, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> "PreferenceBatch":
+        """A copy carrying reference log-probs."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        kwargs["ref_chosen_logps"] = ref_chosen.detach().float().cpu()
+        kwargs["ref_rejected_logps"] = ref_rejected.detach().float().cpu()
+        return PreferenceBatch(**kwargs)
+
+
+@dataclass
+class SequenceBatch:
+    """N single sequences (SFT rows or prompt+completion for scoring), right-padded."""
+
+    input_ids: torch.Tensor  # (N, L)
+    attention_mask: torch.Tensor  # (N, L)
+    completion_mask: torch.Tensor  # (N, L)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[Mapping] | Mapping[str, Sequence], pad_token_id: int
+    ) -> "SequenceBatch":
+        """Collate rows with `prompt_ids` and `completion_ids`."""
+        rows = _as_row_list(rows)
+        if not rows:
+            raise ValueError("SequenceBatch.from_rows got an empty batch")
+        seqs, masks = [], []
+        for row in rows:
+            prompt = [int(t) for t in row["prompt_ids"]]
+            completion = [int(t) for t in row["completion_ids"]]
+            seqs.append(prompt + completion)
+            masks.append([0] * len(prompt) + [1] * len(completion))
+        return cls(*pad_sequences(seqs, masks, pad_token_id))
+
+    def split(self, n: int) -> list["SequenceBatch"]:
+        sizes = [len(self) // n + (1 if i < len(self) % n else 0) for i in range(n)]
+        if n < 1 or n > len(self):
+            raise ValueError(f"cannot split a batch of {len(self)} rows into {n} parts")
+        out, start = [], 0
+        for size in sizes:
+            sl = slice(start, start + size)
+            width = max(int(self.attention_mask[sl].sum(dim=1).max().item()), 1)
+            out.append(
+                SequenceBatch(
+                    self.input_ids[sl, :width],
+                    self.attention_mask[sl, :width],
+                    self.completion_mask[sl, :width],
+                )
+            )
+            start += size
+        return out
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        return SequenceBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]],
+    masks: Sequence[Sequence[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad token lists and their completion masks into (ids, attention, completion)."""
+    width = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (seq, mask) in enumerate(zip(seqs, masks)):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+        completion_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
+    return input_ids, attention_mask, completion_mask
+
+
+def _as_row_list(rows: Sequence[Mapping] | Mapping[str, Sequence]) -> list[Mapping]:
+    if isinstance(rows, Mapping):
+        keys = list(rows.keys())
+        n = len(rows[keys[0]]) if keys else 0
+        return [{k: rows[k][i] for k in keys} for i in range(n)]
+    return list(rows)

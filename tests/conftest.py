@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded tiny model, the demo data and one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not _has_cuda():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A freshly built tiny Llama + BPE tokenizer, saved with save_pretrained."""
+    from rayalign.models.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    return str(build_tiny_model(out, seed=0))
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> str:
+    """The demo task's SFT / preference / prompt-only JSONL files."""
+    from rayalign.demo.task import write_demo_data
+
+    out = tmp_path_factory.mktemp("demo-data")
+    return str(write_demo_data(out, seed=0))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole session (few CPUs, no GPU)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,473 @@
+"""Run configuration: frozen, validated dataclasses — the one source of truth for defaults.
+
+TRL's DPOConfig / TrainingArguments names stay flat and top-level (`output_dir`,
+`max_steps`, `beta`, `loss_type`, ...), so `--output_dir X --max_steps 5` works as with
+TRL's scripts. Ray resources and per-role settings are nested sections (`--ray.address`,
+`--learner.num_actors`, `--reference.mode`). YAML files and CLI overrides only override:
+unknown keys, wrong types and out-of-range values raise `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or combination; the message names the field."""
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _one_of(value: Any, name: str, allowed: typing.Iterable[Any]) -> None:
+    allowed = list(allowed)
+    _require(value in allowed, name, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where to run. With `address` unset and no RAY_ADDRESS in the environment a local
+    Ray is started with `num_cpus` CPUs (None: all)."""
+
+    address: str | None = None  # "auto", "ray://host:10001", or None for local/RAY_ADDRESS
+    num_cpus: int | None = None  # only for a Ray started by rayalign
+    namespace: str | None = None
+    placement_timeout_s: float = 120.0  # fail with a clear error instead of pending forever
+
+    def __post_init__(self):
+        _require(self.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
+        if self.num_cpus is not None:
+            _require(self.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The policy learner group: one DeepSpeed rank per actor."""
+
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stages 1-3)
+    torch_threads: int | None = None  # intra-op threads per learner (None: cpus per actor)
+    collective_timeout_s: float = 600.0  # a dead peer raises instead of hanging
+
+    def __post_init__(self):
+        _require(self.num_actors >= 1, "learner.num_actors", "must be >= 1")
+        _one_of(self.zero_stage, "learner.zero_stage", [0, 1, 2, 3])
+        _require(self.num_cpus_per_actor >= 0, "learner.num_cpus_per_actor", "must be >= 0")
+        _require(self.num_gpus_per_actor >= 0, "learner.num_gpus_per_actor", "must be >= 0")
+        _require(self.collective_timeout_s > 0, "learner.collective_timeout_s", "must be > 0")
+
+
+REFERENCE_MODES = ("actor", "precompute", "implicit", "none")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """How reference log-probs are obtained.
+
+    `actor`: a frozen Reference actor group on its own resources; `precompute`: a Ray
+    Data stage adds `ref_chosen_logps`/`ref_rejected_logps` columns, cached on disk;
+    `implicit`: a LoRA learner disables its adapter for the reference pass; `none`:
+    reference-free (log-probs taken as 0).
+    """
+
+    mode: Literal["actor", "precompute", "implicit", "none"] = "actor"
+    model_name_or_path: str | None = None  # default: the policy's starting model
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 16  # rows per reference forward
+    cache_dir: str | None = None  # precompute cache; default <output_dir>/../.ref_cache
+
+    def __post_init__(self):
+        _one_of(self.mode, "reference.mode", REFERENCE_MODES)
+        _require(self.num_actors >= 1, "reference.num_actors", "must be >= 1")
+        _require(self.batch_size >= 1, "reference.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """PEFT LoRA on the policy; when enabled only the adapter is trained and saved."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self):
+        _require(self.r >= 1, "lora.r", "must be >= 1")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides `<output_dir>/metrics.jsonl` and TensorBoard."""
+
+    report_to: tuple[str, ...] = ("tensorboard",)  # any of tensorboard, wandb, mlflow
+    project: str = "rayalign"
+    run_name: str | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for i, name in enumerate(self.report_to):
+            _one_of(name, f"logging.report_to[{i}]", ["tensorboard", "wandb", "mlflow"])
+
+
+# ----------------------------------------------------------------------------- jobs
+
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fields every training job shares (TRL / TrainingArguments names)."""
+
+    model_name_or_path: str = ""  # a local dir or a hub id, loaded with from_pretrained
+    tokenizer_name_or_path: str | None = None  # default: model_name_or_path
+    train_dataset: str = ""  # JSONL / Parquet / save_to_disk dir ("path:split" for a DatasetDict)
+    eval_dataset: str | None = None
+    output_dir: str = "outputs/run"
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    logging_steps: int = 10
+    eval_steps: int | None = None  # None: evaluate only at the end (if eval_dataset)
+    save_steps: int | None = None  # None: save only the final model
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None  # rayalign extra (TRL 0.x): truncate the prompt first
+    max_completion_length: int | None = None  # rayalign extra: truncate completions first
+    truncation_mode: str = "keep_end"
+    drop_bad_rows: bool = False  # True: drop and count malformed rows instead of failing
+    trust_remote_code: bool = False
+    ray: RayConfig = field(default_factory=RayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        _require(bool(self.model_name_or_path), "model_name_or_path", "is required")
+        _require(bool(self.train_dataset), "train_dataset", "is required")
+        _require(bool(self.output_dir), "output_dir", "is required")
+        _require(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
+                 "set max_steps > 0 or num_train_epochs > 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, "must be >= 1 or null")
+        _require(self.learning_rate >= 0, "learning_rate", "must be >= 0")
+        _one_of(self.lr_scheduler_type, "lr_scheduler_type", SCHEDULERS)
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _one_of(self.truncation_mode, "truncation_mode", ["keep_end", "keep_start"])
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, "must be >= 1 or null")
+        if self.lora.enabled and self.learner.zero_stage == 3:
+            raise ConfigError("lora.enabled: LoRA with learner.zero_stage=3 is not supported; use stage 0-2")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer_name_or_path or self.model_name_or_path
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.learner.num_actors
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: NLL on completion tokens."""
+
+    learning_rate: float = 2e-5
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainConfig):
+    """Offline DPO. Loss fields follow TRL 1.16's DPOConfig (see docs/losses.md)."""
+
+    beta: float = 0.1
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO
+    ld_alpha: float | None = None  # LD-DPO
+    reference_free: bool = False
+    precompute_ref_log_probs: bool = False  # TRL name; same as reference.mode=precompute
+    sync_ref_model: bool = False  # TR-DPO
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    padding_free: bool = False
+    generate_during_eval: bool = False
+    num_generate_prompts: int = 4
+    max_new_tokens: int = 16
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _require(len(self.loss_type) >= 1, "loss_type", "must name at least one loss")
+        for i, name in enumerate(self.loss_type):
+            _one_of(name, f"loss_type[{i}]" if len(self.loss_type) > 1 else "loss_type", LOSS_TYPES)
+        if self.loss_weights is not None:
+            _require(len(self.loss_weights) == len(self.loss_type), "loss_weights",
+                     f"needs one weight per loss_type ({len(self.loss_type)}), got {len(self.loss_weights)}")
+        _require(0.0 <= self.label_smoothing <= 0.5, "label_smoothing",
+                 f"must be in [0, 0.5], got {self.label_smoothing}")
+        if "exo_pair" in self.loss_type:
+            _require(self.label_smoothing > 0, "label_smoothing", "exo_pair needs label_smoothing > 0")
+        if "robust" in self.loss_type:
+            _require(self.label_smoothing < 0.5, "label_smoothing", "robust needs label_smoothing < 0.5")
+        _one_of(self.f_divergence_type, "f_divergence_type", F_DIVERGENCES)
+        if self.f_divergence_type != "reverse_kl":
+            bad = [t for t in self.loss_type if t not in F_DIVERGENCE_LOSSES]
+            _require(not bad, "f_divergence_type",
+                     f"{self.f_divergence_type} works only with loss types {F_DIVERGENCE_LOSSES}; got {bad}")
+        if self.use_weighting:
+            bad = [t for t in self.loss_type if t in ("aot", "aot_unpaired")]
+            _require(not bad, "use_weighting", f"not supported with loss types {bad}")
+        if self.ld_alpha is not None:
+            _require(0.0 <= self.ld_alpha <= 1.0, "ld_alpha", "must be in [0, 1] or null")
+        _require(0.0 <= self.ref_model_mixup_alpha <= 1.0, "ref_model_mixup_alpha", "must be in [0, 1]")
+        _require(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", "must be >= 1")
+        mode = self.reference_mode
+        if mode == "implicit":
+            _require(self.lora.enabled, "reference.mode", "implicit needs lora.enabled=true")
+        if self.sync_ref_model:
+            _require(mode == "actor", "sync_ref_model",
+                     f"TR-DPO needs reference.mode=actor (got {mode}): precomputed or implicit "
+                     "references cannot be updated")
+        if self.precompute_ref_log_probs:
+            _require(self.reference.mode in ("actor", "precompute"), "precompute_ref_log_probs",
+                     f"conflicts with reference.mode={self.reference.mode}")
+
+    @property
+    def reference_mode(self) -> str:
+        """The effective mode: reference_free and precompute_ref_log_probs map onto it."""
+        if self.reference_free:
+            return "none"
+        if self.precompute_ref_log_probs:
+            return "precompute"
+        return self.reference.mode
+
+
+@dataclass(frozen=True)
+class RewardConfig(TrainConfig):
+    """Bradley–Terry reward-model training (TRL RewardConfig names)."""
+
+    learning_rate: float = 1e-4
+    center_rewards_coefficient: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.center_rewards_coefficient is not None:
+            _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            close = [k for k in known if k.lower().replace("_", "") == str(key).lower().replace("_", "")]
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{name}: unknown field{hint} (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:  # pragma: no cover - missing required args
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, prefix=f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} does not fit {tp}")
+    if origin is Literal:
+        _one_of(value, name, args)
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]  # TRL accepts loss_type: sigmoid as well as a list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+    return value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--a.b=value` / `--a.b value` CLI overrides into a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"override {arg!r}: expected --key=value or --key value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raw = "true"  # a bare flag
+                i += 1
+            else:
+                raw = args[i + 1]
+                i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key}: {part} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | dict | None = None):
+    """Load `cls` from an optional YAML file plus CLI-style overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {p} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {p} must hold a mapping at the top level")
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        data = deep_merge(data, extra)
+    return from_dict(cls, data)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for saving as YAML/JSON."""
+
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(data: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,43 @@
+"""rayalign: Ray-native preference optimisation (DPO, reward models, online DPO) for causal LMs.
+
+Python API mirroring the CLI: `train_sft`, `train_dpo`, `train_reward` take a config
+(dataclass, dict or YAML path) and return the final metrics and the model directory.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def _config(cls, config, overrides=None):
+    from rayalign.config import from_dict, load_config
+
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, dict):
+        return load_config(cls, None, {**config, **(overrides or {})})
+    return load_config(cls, config, overrides)
+
+
+def train_dpo(config, overrides=None) -> dict:
+    """Offline DPO on Ray. `config`: DPOConfig, a dict, or a YAML path."""
+    from rayalign.config import DPOConfig
+    from rayalign.drivers.offline import train
+
+    return train(_config(DPOConfig, config, overrides))
+
+
+def train_sft(config, overrides=None) -> dict:
+    """Supervised fine-tuning on Ray (completion-only NLL)."""
+    from rayalign.config import SFTConfig
+    from rayalign.drivers.offline import train
+
+    return train(_config(SFTConfig, config, overrides))
+
+
+def train_reward(config, overrides=None) -> dict:
+    """Bradley–Terry reward-model training on Ray."""
+    from rayalign.config import RewardConfig
+    from rayalign.drivers.offline import train
+
+    return train(_config(RewardConfig, config, overrides))

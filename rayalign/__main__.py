@@ -1,0 +1,5 @@
+import sys
+
+from rayalign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,176 @@
+"""One generic helper that runs N actors of one role: placement group, rendezvous, calls.
+
+Every role (policy learner, reference, reward, rollout) is started through `ActorGroup`:
+it reserves one bundle per actor in a placement group (failing with a clear message
+instead of pending forever when the cluster cannot hold it), starts the actors, lets rank 0
+publish a `tcp://ip:port` address for torch.distributed, and calls methods on all actors
+with a timeout so a dead peer surfaces as an error rather than a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Sequence
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot provide what the config asks for (resources, address)."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Resources of one actor group: N actors with the same per-actor CPUs/GPUs."""
+
+    name: str
+    num_actors: int
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    strategy: str = "PACK"  # placement-group strategy: PACK, SPREAD, STRICT_PACK ...
+
+
+class DistributedWorker:
+    """Base class for actors that join a torch.distributed group (learners, references)."""
+
+    def node_address(self) -> tuple[str, int]:
+        """This actor's node IP and a free TCP port (rank 0's answer is the rendezvous)."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ip, port
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def init_distributed(self, master_addr: str, master_port: int, rank: int, world_size: int,
+                         backend: str, timeout_s: float) -> None:
+        """Join the process group. DeepSpeed reads the same env variables."""
+        import torch.distributed as dist
+
+        os.environ.update({
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+            "RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": "0",  # Ray gives each actor its own CUDA_VISIBLE_DEVICES
+            "LOCAL_WORLD_SIZE": "1",
+        })
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+            )
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespace: str | None = None) -> None:
+    """Connect to `address` / RAY_ADDRESS if given, else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        if address:
+            ray.init(address=address, namespace=namespace, runtime_env={"env_vars": env},
+                     configure_logging=False)
+        else:
+            ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+                     runtime_env={"env_vars": env}, configure_logging=False)
+    except ConnectionError as exc:
+        raise ClusterError(f"ray.address: cannot connect to Ray at {address!r}: {exc}") from exc
+
+
+class ActorGroup:
+    """N actors of one class in one placement group, addressed together."""
+
+    def __init__(self, actor_cls: type, spec: GroupSpec, *, args: Sequence[Any] = (),
+                 placement_timeout_s: float = 120.0, env_vars: dict[str, str] | None = None,
+                 max_restarts: int = 0):
+        if spec.num_actors < 1:
+            raise ValueError(f"{spec.name}.num_actors must be >= 1")
+        self.spec = spec
+        bundle = {"CPU": spec.num_cpus_per_actor}
+        if spec.num_gpus_per_actor:
+            bundle["GPU"] = spec.num_gpus_per_actor
+        self._pg = placement_group([dict(bundle) for _ in range(spec.num_actors)], strategy=spec.strategy)
+        ready, _ = ray.wait([self._pg.ready()], timeout=placement_timeout_s)
+        if not ready:
+            available = ray.cluster_resources()
+            remove_placement_group(self._pg)
+            raise ClusterError(
+                f"{spec.name}: could not reserve {spec.num_actors} x {bundle} within "
+                f"{placement_timeout_s:.0f}s; the cluster has {available}. Lower "
+                f"{spec.name}.num_actors / num_cpus_per_actor / num_gpus_per_actor or add nodes.")
+        remote_cls = ray.remote(actor_cls)
+        env = {"OMP_NUM_THREADS": str(max(1, int(spec.num_cpus_per_actor) or 1)),
+               "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}
+        self.actors = [
+            remote_cls.options(
+                num_cpus=spec.num_cpus_per_actor,
+                num_gpus=spec.num_gpus_per_actor,
+                max_restarts=max_restarts,
+                max_concurrency=2,  # lets a status/abort call through while a step runs
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env},
+            ).remote(*args, rank=i, world_size=spec.num_actors)
+            for i in range(spec.num_actors)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def init_distributed(self, backend: str, timeout_s: float) -> None:
+        """Rank 0 publishes its address; every rank joins the process group."""
+        addr, port = ray.get(self.actors[0].node_address.remote(), timeout=timeout_s)
+        self.call("init_distributed", addr, port, backend=backend, timeout_s=timeout_s,
+                  rank_arg=True, timeout=timeout_s)
+
+    def call_async(self, method: str, *args, rank_arg: bool = False, **kwargs) -> list[ray.ObjectRef]:
+        refs = []
+        for rank, actor in enumerate(self.actors):
+            extra = {"rank": rank, "world_size": len(self.actors)} if rank_arg else {}
+            refs.append(getattr(actor, method).remote(*args, **kwargs, **extra))
+        return refs
+
+    def call(self, method: str, *args, timeout: float | None = None, rank_arg: bool = False,
+             **kwargs) -> list[Any]:
+        """Call `method` on every actor with the same arguments and gather the results."""
+        return self.get(self.call_async(method, *args, rank_arg=rank_arg, **kwargs), timeout)
+
+    def scatter(self, method: str, per_actor_args: Sequence[Sequence[Any]], *,
+                timeout: float | None = None, **kwargs) -> list[Any]:
+        """Call `method` on actor i with `per_actor_args[i]` (e.g. one shard each)."""
+        if len(per_actor_args) != len(self.actors):
+            raise ValueError(f"{self.spec.name}: {len(per_actor_args)} argument sets for "
+                             f"{len(self.actors)} actors")
+        refs = [getattr(a, method).remote(*args, **kwargs) for a, args in zip(self.actors, per_actor_args)]
+        return self.get(refs, timeout)
+
+    def get(self, refs: list[ray.ObjectRef], timeout: float | None) -> list[Any]:
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise TimeoutError(f"{self.spec.name}: no answer within {timeout}s (a peer may be dead "
+                               "or stuck in a collective)") from exc
+
+    def shutdown(self) -> None:
+        """Kill the actors and release the placement group."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.actors = []
+        try:
+            remove_placement_group(self._pg)
+        except Exception:
+            pass

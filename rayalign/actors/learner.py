@@ -1,0 +1,294 @@
+"""PolicyLearner: one DeepSpeed rank of the learner group.
+
+Owns the trainable model, optimizer and scheduler. DeepSpeed (ZeRO 0-3) runs on GPU with
+nccl and on CPU with its CPU accelerator and gloo, so one code path serves both. Each
+learner pulls its own micro-batches from its Ray Data shard (`set_data`), obtains reference
+log-probs the way the config says, and takes one optimizer step per `train_step` call
+(gradient_accumulation_steps micro-batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import torch
+
+from rayalign import objectives
+from rayalign.actors.group import DistributedWorker
+from rayalign.batch import PreferenceBatch, SequenceBatch
+from rayalign.config import DPOConfig, RewardConfig, SFTConfig, TrainConfig
+from rayalign.models.loading import disable_dropout, load_causal_lm, load_reward_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, num_training_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or int(np.ceil(cfg.warmup_ratio * num_training_steps))
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=num_training_steps)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    zero: dict[str, Any] = {"stage": cfg.learner.zero_stage}
+    if cfg.learner.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.learner.offload_optimizer and cfg.learner.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a torch AdamW: no fused_adam build on CPU
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.max_grad_norm > 0:
+        config["gradient_clipping"] = cfg.max_grad_norm
+    return config
+
+
+class PolicyLearner(DistributedWorker):
+    """One rank of the policy learner group (DPO, SFT or reward model, by config type)."""
+
+    def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        threads = cfg.learner.torch_threads or max(1, int(cfg.learner.num_cpus_per_actor))
+        torch.set_num_threads(threads)
+        self.engine = None
+        self.tokenizer = None
+        self.reference = None  # a Reference actor handle in reference.mode=actor
+        self._batches: Iterator | None = None
+        self.epoch = 0
+        self.batches_consumed = 0  # micro-batches taken from the current epoch's shard
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, num_training_steps: int, reference=None) -> dict:
+        """Load the model, wrap it with DeepSpeed and build optimizer + scheduler."""
+        import deepspeed
+
+        cfg = self.cfg
+        set_seed(cfg.seed)  # same seed on every rank: identical LoRA init
+        self.reference = reference
+        self.tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+        if isinstance(cfg, RewardConfig):
+            model = load_reward_model(cfg.model_name_or_path, pad_token_id=self.tokenizer.pad_token_id,
+                                      bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
+        else:
+            model = load_causal_lm(cfg.model_name_or_path, bf16=cfg.bf16,
+                                   trust_remote_code=cfg.trust_remote_code)
+        if cfg.disable_dropout:
+            disable_dropout(model)
+        if cfg.lora.enabled:
+            model = self._wrap_lora(model)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.lora.enabled:
+                model.enable_input_require_grads()
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.learning_rate,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        scheduler = build_scheduler(optimizer, cfg, num_training_steps)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world_size), dist_init_required=False)
+        self.engine.train()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        return {"trainable_params": trainable, "total_params": total}
+
+    def _wrap_lora(self, model):
+        from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+
+        lc = self.cfg.lora
+        task = TaskType.SEQ_CLS if isinstance(self.cfg, RewardConfig) else TaskType.CAUSAL_LM
+        peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                  target_modules=list(lc.target_modules), task_type=task)
+        return get_peft_model(model, peft_cfg)
+
+    def _param_groups(self, model) -> list[dict]:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    # ------------------------------------------------------------------ data
+
+    def set_data(self, shard, epoch: int, skip_batches: int = 0) -> None:
+        """Start reading `shard` (a Ray DataIterator) for `epoch`, skipping batches already
+        trained on (exact resume)."""
+        self.epoch = epoch
+        self.batches_consumed = 0
+        pad = self.tokenizer.pad_token_id
+        row_cls = SequenceBatch if isinstance(self.cfg, SFTConfig) else PreferenceBatch
+        raw = shard.iter_batches(batch_size=self.cfg.per_device_train_batch_size,
+                                 batch_format="numpy", drop_last=True)
+        self._batches = (row_cls.from_rows(b, pad) for b in raw)
+        for _ in range(skip_batches):
+            self._next_batch()
+
+    def _next_batch(self):
+        batch = next(self._batches)  # StopIteration: the driver sized epochs wrong
+        self.batches_consumed += 1
+        return batch
+
+    def drain(self) -> int:
+        """Consume what is left of the epoch's shard (the split is coordinated across ranks)."""
+        n = 0
+        if self._batches is not None:
+            for _ in self._batches:
+                n += 1
+        self._batches = None
+        return n
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over gradient_accumulation_steps micro-batches."""
+        micro = [self._next_batch() for _ in range(self.cfg.gradient_accumulation_steps)]
+        micro = [self._with_reference(b) for b in micro]
+        totals: dict[str, float] = {}
+        for batch in micro:
+            loss, metrics = self._objective(batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        out = {k: v / len(micro) for k, v in totals.items()}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        out["learning_rate"] = float(self.engine.get_lr()[0])
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batches: list, weights: list[float]) -> dict[str, float]:
+        """Weighted metric sums over eval batches (weight 0 pads ranks to equal counts, so
+        every rank runs the same number of forwards — ZeRO-3 gathers need that)."""
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        total = 0.0
+        for batch, w in zip(batches, weights):
+            batch = self._with_reference(batch)
+            _, metrics = self._objective(batch)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w * len(batch)
+            total += w * len(batch)
+        self.engine.train()
+        return {"__count__": total, **sums}
+
+    def _objective(self, batch):
+        cfg = self.cfg
+        if isinstance(cfg, DPOConfig):
+            return objectives.dpo_objective(self.engine, batch, cfg)
+        if isinstance(cfg, RewardConfig):
+            return objectives.reward_objective(self.engine, batch, cfg)
+        return objectives.sft_objective(self.engine, batch, cfg)
+
+    def _with_reference(self, batch):
+        cfg = self.cfg
+        if not isinstance(cfg, DPOConfig) or batch.ref_chosen_logps is not None:
+            return batch
+        mode = cfg.reference_mode
+        if mode == "none":
+            return batch
+        if mode == "implicit":
+            with self.engine.module.disable_adapter():
+                ref_c, ref_r = objectives.reference_logprobs(self.engine, batch, cfg)
+            return batch.with_reference(ref_c, ref_r)
+        if mode == "actor":
+            ref_c, ref_r = ray.get(self.reference.logprobs.remote(batch),
+                                   timeout=cfg.learner.collective_timeout_s)
+            return batch.with_reference(ref_c, ref_r)
+        raise RuntimeError(f"reference.mode={mode}: batch arrived without ref_*_logps columns")
+
+    @torch.no_grad()
+    def logprobs(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's summed log-probs (used by tests and generate/eval tools)."""
+        self.engine.eval()
+        out = objectives.reference_logprobs(self.engine, batch, self.cfg)
+        self.engine.train()
+        return out
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        out = self.engine(input_ids=input_ids).logits.float().cpu()
+        self.engine.train()
+        return out
+
+    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int) -> dict[str, list[str]]:
+        """Greedy completions of the policy (and, for a LoRA policy, of the adapter-off
+        reference). Every rank runs it: under ZeRO-3 each forward gathers parameters."""
+        from rayalign.models.generate import generate_texts
+
+        module = self.engine.module
+        out = {"prompts": self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=False),
+               "completions": generate_texts(module, self.tokenizer, prompt_ids, max_new_tokens)}
+        if self.cfg.lora.enabled:
+            with module.disable_adapter():
+                out["reference_completions"] = generate_texts(module, self.tokenizer, prompt_ids,
+                                                              max_new_tokens)
+        module.config.use_cache = False
+        return out
+
+    # ------------------------------------------------------------------ weights and state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full (gathered) model weights on rank 0, None elsewhere. Collective under ZeRO-3."""
+        if self.cfg.learner.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def save(self, staging_dir: str, *, with_state: bool = True) -> None:
+        """Write HF files (rank 0) and DeepSpeed/RNG state (every rank) into `staging_dir`."""
+        from rayalign.checkpoint import save_rng_state
+
+        os.makedirs(staging_dir, exist_ok=True)
+        state = self.full_state_dict()
+        if self.rank == 0:
+            module = self.engine.module
+            module.save_pretrained(staging_dir, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging_dir)
+            gen = getattr(module, "generation_config", None)
+            if gen is not None and not self.cfg.lora.enabled:
+                gen.save_pretrained(staging_dir)
+        if with_state:
+            self.engine.save_checkpoint(os.path.join(staging_dir, "deepspeed"), tag="state",
+                                        save_latest=False)
+            save_rng_state(staging_dir, self.rank)
+        torch.distributed.barrier()
+
+    def load(self, checkpoint_dir: str) -> None:
+        """Restore model, optimizer, scheduler and RNG from a checkpoint dir."""
+        from rayalign.checkpoint import load_rng_state
+
+        path, _ = self.engine.load_checkpoint(os.path.join(checkpoint_dir, "deepspeed"), tag="state",
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"{checkpoint_dir}: DeepSpeed state could not be loaded")
+        load_rng_state(checkpoint_dir, self.rank)

@@ -1,0 +1,247 @@
+"""Pieces every driver uses: data preparation, evaluation, checkpoint publishing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from rayalign import checkpoint as ckpt
+from rayalign import data as data_lib
+from rayalign import refcache
+from rayalign.actors.group import ActorGroup
+from rayalign.batch import PreferenceBatch, SequenceBatch
+from rayalign.config import DPOConfig, TrainConfig
+from rayalign.models.loading import load_tokenizer
+
+logger = logging.getLogger("rayalign")
+
+
+def backend(cfg: TrainConfig) -> str:
+    return "nccl" if cfg.learner.num_gpus_per_actor > 0 else "gloo"
+
+
+def local_num_cpus(cfg: TrainConfig) -> int | None:
+    """CPUs for a Ray started by rayalign: enough logical CPUs for every actor plus two for
+    Ray Data's read/tokenize tasks (iteration hangs when actors hold every CPU)."""
+    if cfg.ray.num_cpus is not None:
+        return cfg.ray.num_cpus
+    need = cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
+    if isinstance(cfg, DPOConfig) and cfg.reference_mode in ("actor", "precompute"):
+        need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
+    return int(max(os.cpu_count() or 1, math_ceil(need) + 2))
+
+
+def math_ceil(x: float) -> int:
+    return int(-(-x // 1))
+
+
+def steps_per_epoch(num_rows: int, cfg: TrainConfig) -> int:
+    rows_per_shard = num_rows // cfg.learner.num_actors
+    steps = rows_per_shard // cfg.per_device_train_batch_size // cfg.gradient_accumulation_steps
+    if steps < 1:
+        raise data_lib.DataError(
+            f"train_dataset: {num_rows} rows are too few for one step of {cfg.learner.num_actors} "
+            f"learner(s) x per_device_train_batch_size={cfg.per_device_train_batch_size} x "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
+    return steps
+
+
+def staging_root(cfg: TrainConfig) -> str:
+    """Local scratch space next to the output (same filesystem: the commit is a rename)."""
+    if "://" in cfg.output_dir and not cfg.output_dir.startswith("file://"):
+        import tempfile
+
+        return tempfile.mkdtemp(prefix="rayalign-staging-")
+    root = cfg.output_dir.removeprefix("file://")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+@dataclass
+class PreparedData:
+    """Validated, tokenized data and how to produce each epoch's Ray Dataset."""
+
+    kind: str
+    settings: object
+    train_path: str
+    eval_path: str | None
+    num_train_rows: int = 0
+    pad_token_id: int = 0
+    _train: object = None
+    _cache: tuple | None = None
+    _cache_dir: str | None = None
+    eval_rows: list = field(default_factory=list)
+
+    def build(self, cfg: TrainConfig) -> tuple[Callable[[int], object], list]:
+        """Create the Ray Datasets (after ray.init); returns (epoch -> dataset, eval batches)."""
+        load = data_lib.load_sft_dataset if self.kind == "sft" else data_lib.load_preference_dataset
+        ds, info = load(self.train_path, cfg.tokenizer_path, self.settings,
+                        drop_bad_rows=cfg.drop_bad_rows)
+        self._train = ds.materialize()
+        self.num_train_rows = self._train.count()
+        if info.num_dropped:
+            logger.warning("train_dataset: dropped %d bad rows (drop_bad_rows=true)", info.num_dropped)
+        eval_batches = []
+        if self.eval_path:
+            eds, einfo = load(self.eval_path, cfg.tokenizer_path, self.settings,
+                              drop_bad_rows=cfg.drop_bad_rows)
+            if self.kind == "dpo" and cfg.reference_mode == "precompute":
+                eds = self._with_cached_reference(cfg, eds, self.eval_path, streaming=False)
+            self.eval_rows = eds.take_all()
+            batch_cls = SequenceBatch if self.kind == "sft" else PreferenceBatch
+            size = cfg.per_device_eval_batch_size
+            eval_batches = [batch_cls.from_rows(self.eval_rows[i:i + size], self.pad_token_id)
+                            for i in range(0, len(self.eval_rows), size)]
+        if self.kind == "dpo" and cfg.reference_mode == "precompute":
+            self._prepare_cache(cfg)
+        return self._epoch_dataset(cfg), eval_batches
+
+    def _epoch_dataset(self, cfg: TrainConfig):
+        def for_epoch(epoch: int):
+            ds = self._train.random_shuffle(seed=cfg.seed + epoch)
+            if self.kind == "dpo" and cfg.reference_mode == "precompute":
+                ds = self._attach_reference(cfg, ds)
+            return ds
+
+        return for_epoch
+
+    # -- precomputed reference log-probs ------------------------------------------------
+
+    def _prepare_cache(self, cfg: DPOConfig) -> None:
+        key = refcache.cache_key(cfg, self.train_path)
+        self._cache_dir = os.path.join(refcache.cache_root(cfg), key)
+        os.makedirs(self._cache_dir, exist_ok=True)
+        self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows)
+        logger.info("reference cache %s: %s", self._cache_dir, "hit" if self._cache else "miss")
+
+    @property
+    def cache_hit(self) -> bool:
+        return self._cache is not None
+
+    def _attach_reference(self, cfg: DPOConfig, ds):
+        if self._cache is not None:
+            chosen, rejected = self._cache
+
+            def add(rows):
+                idx = rows["row_index"].astype(np.int64)
+                rows["ref_chosen_logps"] = chosen[idx]
+                rows["ref_rejected_logps"] = rejected[idx]
+                return rows
+
+            return ds.map_batches(add, batch_format="numpy")
+        from ray.data import ActorPoolStrategy
+
+        from rayalign.actors.reference import ReferenceLogpsStage
+
+        # Streams: learners train on scored blocks while later blocks are still scored.
+        return ds.map_batches(
+            ReferenceLogpsStage, fn_constructor_kwargs={"cfg": cfg, "cache_dir": self._cache_dir},
+            compute=ActorPoolStrategy(size=cfg.reference.num_actors),
+            num_cpus=cfg.reference.num_cpus_per_actor, num_gpus=cfg.reference.num_gpus_per_actor or None,
+            batch_size=cfg.reference.batch_size, batch_format="numpy")
+
+    def _with_cached_reference(self, cfg: DPOConfig, ds, path: str, streaming: bool):
+        key = refcache.cache_key(cfg, path)
+        cache_dir = os.path.join(refcache.cache_root(cfg), key)
+        os.makedirs(cache_dir, exist_ok=True)
+        n = ds.count()
+        cached = refcache.load_cached(cache_dir, n)
+        if cached is None:
+            saved = (self._cache, self._cache_dir)
+            self._cache, self._cache_dir = None, cache_dir
+            self._attach_reference(cfg, ds).materialize()
+            self._cache, self._cache_dir = saved
+            refcache.finalize(cache_dir, n)
+            cached = refcache.load_cached(cache_dir, n)
+        saved = self._cache
+        self._cache = cached
+        out = self._attach_reference(cfg, ds)
+        self._cache = saved
+        return out
+
+    def end_epoch(self, epoch: int | None) -> None:
+        """After the first full pass in precompute mode the streamed parts become the cache."""
+        if self._cache_dir is None or self._cache is not None:
+            return
+        if refcache.finalize(self._cache_dir, self.num_train_rows):
+            self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows)
+            logger.info("reference cache written: %s", self._cache_dir)
+
+
+def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
+    """Check the tokenizer and every data row before Ray work or model loading starts."""
+    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+    settings = data_lib.TokenizeSettings(
+        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
+    check = data_lib.validate_sft_file if kind == "sft" else data_lib.validate_preference_file
+    check(cfg.train_dataset, tokenizer, settings, drop_bad_rows=cfg.drop_bad_rows, field="train_dataset")
+    if cfg.eval_dataset:
+        check(cfg.eval_dataset, tokenizer, settings, drop_bad_rows=cfg.drop_bad_rows, field="eval_dataset")
+    return PreparedData(kind, settings, cfg.train_dataset, cfg.eval_dataset,
+                        pad_token_id=tokenizer.pad_token_id)
+
+
+def evaluate(learners: ActorGroup, batches: list, tracker, step: int) -> dict:
+    """Shard eval batches over learners (weight-0 padding keeps forward counts equal)."""
+    n = len(learners)
+    per = -(-len(batches) // n)
+    args = []
+    for r in range(n):
+        own = batches[r::n]
+        weights = [1.0] * len(own) + [0.0] * (per - len(own))
+        own = own + [batches[0]] * (per - len(own))
+        args.append((own, weights))
+    results = learners.scatter("evaluate", args)
+    count = sum(r["__count__"] for r in results)
+    keys = [k for k in results[0] if k != "__count__"]
+    metrics = {f"eval_{k}": sum(r[k] for r in results) / max(count, 1e-12) for k in keys}
+    tracker.log(metrics, step=step)
+    logger.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metrics: dict) -> str:
+    """Stage a checkpoint (weights, DeepSpeed state, RNG, trainer state) and commit it."""
+    staging = os.path.join(staging_root(cfg), f".staging-{name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    learners.call("save", staging, timeout=cfg.learner.collective_timeout_s)
+    ckpt.save_trainer_state(staging, state)
+    ckpt.save_run_config(staging, cfg)
+    ckpt.write_model_card(staging, base_model=cfg.model_name_or_path,
+                          datasets=[p for p in (cfg.train_dataset, cfg.eval_dataset) if p],
+                          method=type(cfg).__name__.removesuffix("Config"), metrics=metrics)
+    path = ckpt.commit_checkpoint(staging, cfg.output_dir, name, step=state["step"])
+    shutil.rmtree(staging, ignore_errors=True)
+    ckpt.prune_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=[path])
+    return path
+
+
+def publish_final(cfg: TrainConfig, step: int, metrics: dict) -> str:
+    """Copy the last checkpoint's model files (not its optimizer state) to output_dir."""
+    return ckpt.publish_model(f"{cfg.output_dir.rstrip('/')}/checkpoint-{step}", cfg.output_dir)
+
+
+def log_generations(cfg: DPOConfig, learners: ActorGroup, references, data: PreparedData,
+                    tracker, step: int) -> None:
+    """generate_during_eval: policy (and reference) completions for a few eval prompts."""
+    rows = data.eval_rows[: cfg.num_generate_prompts]
+    if not rows:
+        return
+    prompts = [list(map(int, r["prompt_ids"])) for r in rows]
+    policy = learners.call("generate", prompts, cfg.max_new_tokens)[0]
+    reference = references.actors[0].generate.remote(prompts, cfg.max_new_tokens) if references else None
+    import ray
+
+    if reference is not None:
+        reference = ray.get(reference)
+    else:  # implicit mode: the learner ran the adapter-off model; precompute/none: no live reference
+        reference = policy.get("reference_completions", [None] * len(prompts))
+    table = [{"prompt": p, "policy": c, "reference": r}
+             for p, c, r in zip(policy["prompts"], policy["completions"], reference)]
+    tracker.log_table("generate_during_eval", table, step)

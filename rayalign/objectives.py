@@ -1,0 +1,78 @@
+"""What a learner optimises, one function per job: (model, batch) -> (loss, metrics).
+
+These glue the pure pieces together — log-probs (`rayalign.models.logprobs`) and losses
+(`rayalign.losses`) — for DPO, SFT and reward modelling. No Ray, no DeepSpeed: `model` is
+anything callable like a Hugging Face model (a DeepSpeed engine included).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rayalign import losses
+from rayalign.batch import PreferenceBatch, SequenceBatch
+from rayalign.config import DPOConfig, RewardConfig
+from rayalign.models.logprobs import preference_logprobs, sft_logprobs
+
+RefFn = Callable[[PreferenceBatch], tuple[torch.Tensor, torch.Tensor]]
+
+
+def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
+    """DPO loss and TRL-named metrics; reference log-probs must already be on `batch`
+    (precomputed columns, a reference actor, or the implicit adapter-off pass) unless the
+    run is reference-free."""
+    out = preference_logprobs(model, batch, ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting,
+                              padding_free=cfg.padding_free)
+    if cfg.reference_mode == "none":
+        ref_c = torch.zeros_like(out.chosen_logps)
+        ref_r = torch.zeros_like(out.rejected_logps)
+    else:
+        if batch.ref_chosen_logps is None:
+            raise RuntimeError("dpo_objective: batch has no reference log-probs")
+        ref_c = batch.ref_chosen_logps.to(out.chosen_logps)
+        ref_r = batch.ref_rejected_logps.to(out.rejected_logps)
+    loss, metrics = losses.dpo_objective(
+        out.chosen_logps, out.rejected_logps, ref_c, ref_r,
+        loss_type=list(cfg.loss_type), loss_weights=None if cfg.loss_weights is None else list(cfg.loss_weights),
+        beta=cfg.beta, label_smoothing=cfg.label_smoothing, f_divergence_type=cfg.f_divergence_type,
+        f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, discopop_tau=cfg.discopop_tau,
+        chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
+        chosen_weights=out.chosen_weights, rejected_weights=out.rejected_weights,
+    )
+    metrics = dict(metrics)
+    metrics["logits/chosen"] = out.chosen_mean_logits.detach().mean()
+    metrics["logits/rejected"] = out.rejected_mean_logits.detach().mean()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch: PreferenceBatch, cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed reference log-probs of chosen and rejected (same weighting as the policy)."""
+    out = preference_logprobs(model, batch, ld_alpha=cfg.ld_alpha, use_weighting=False,
+                              padding_free=cfg.padding_free)
+    return out.chosen_logps.detach().float().cpu(), out.rejected_logps.detach().float().cpu()
+
+
+def sft_objective(model, batch: SequenceBatch, cfg) -> tuple[torch.Tensor, dict]:
+    """Mean NLL over completion tokens (TRL SFTTrainer's completion-only loss)."""
+    out = sft_logprobs(model, batch)
+    mask = batch.completion_mask.to(out.per_token_logps.device)  # per-token logps are unshifted
+    loss = losses.sft_loss(out.per_token_logps, mask)
+    num_tokens = mask.sum()
+    return loss, {"loss": loss.detach(), "num_tokens": num_tokens.detach().float()}
+
+
+def reward_objective(model, batch: PreferenceBatch, cfg: RewardConfig) -> tuple[torch.Tensor, dict]:
+    """Bradley–Terry loss on the scalar head, chosen half vs rejected half."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
+    b = len(batch)
+    chosen, rejected = logits[:b], logits[b:]
+    margin = None if batch.margin is None else batch.margin.to(chosen)
+    loss = losses.reward_loss(chosen, rejected, margin=margin,
+                              center_rewards_coefficient=cfg.center_rewards_coefficient)
+    metrics = {k: torch.as_tensor(v).detach().float() for k, v in losses.reward_metrics(chosen.detach(), rejected.detach()).items()}
+    metrics["loss"] = loss.detach()
+    return loss, metrics

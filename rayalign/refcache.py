@@ -1,0 +1,124 @@
+"""On-disk cache of precomputed reference log-probs (reference.mode=precompute).
+
+The key hashes everything that changes the numbers: the reference model's weight files,
+the training data file(s), the tokenizer files (chat template included), the tokenization
+settings and the log-prob options (ld_alpha, dtype). A rerun or another Tune trial with the
+same key reuses `<cache_root>/<key>/ref_logps.parquet`; the `complete.json` marker is
+written last, so a half-written cache is never read.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rayalign.config import DPOConfig
+
+MARKER = "complete.json"
+TABLE = "ref_logps.parquet"
+
+
+def _hash_file(h, path: Path, chunk: int = 1 << 20) -> None:
+    h.update(path.name.encode())
+    h.update(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+
+
+def _hash_path(h, path: str, patterns: tuple[str, ...]) -> None:
+    p = Path(path)
+    if p.is_file():
+        _hash_file(h, p)
+    elif p.is_dir():
+        files = sorted(f for pat in patterns for f in p.rglob(pat) if f.is_file())
+        for f in files:
+            _hash_file(h, f)
+    else:  # a hub id: its name (and revision, when pinned) is the best we can do offline
+        h.update(path.encode())
+
+
+def cache_key(cfg: DPOConfig, data_path: str) -> str:
+    """A hex key identifying reference model + data + tokenizer + tokenization settings."""
+    h = hashlib.sha256()
+    _hash_path(h, cfg.reference.model_name_or_path or cfg.model_name_or_path,
+               ("*.safetensors", "config.json"))
+    _hash_path(h, cfg.tokenizer_path, ("tokenizer*.json", "*.jinja", "special_tokens_map.json",
+                                       "*.model", "vocab*", "merges*"))
+    _hash_path(h, data_path.split(":")[0] if not os.path.exists(data_path) else data_path,
+               ("*.jsonl", "*.json", "*.parquet", "*.arrow"))
+    settings = {
+        "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+        "max_completion_length": cfg.max_completion_length, "truncation_mode": cfg.truncation_mode,
+        "ld_alpha": cfg.ld_alpha, "bf16": cfg.bf16, "data": data_path, "version": 1,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def cache_root(cfg: DPOConfig) -> str:
+    if cfg.reference.cache_dir:
+        return cfg.reference.cache_dir
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), ".rayalign_ref_cache")
+
+
+def load_cached(cache_dir: str, num_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(chosen, rejected) arrays indexed by row_index, or None if absent/incomplete."""
+    import pyarrow.parquet as pq
+
+    marker = os.path.join(cache_dir, MARKER)
+    if not os.path.exists(marker):
+        return None
+    meta = json.loads(Path(marker).read_text())
+    if meta.get("num_rows") != num_rows:
+        return None
+    table = pq.read_table(os.path.join(cache_dir, TABLE))
+    idx = table["row_index"].to_numpy()
+    chosen = np.full(num_rows, np.nan, dtype=np.float32)
+    rejected = np.full(num_rows, np.nan, dtype=np.float32)
+    chosen[idx] = table["ref_chosen_logps"].to_numpy()
+    rejected[idx] = table["ref_rejected_logps"].to_numpy()
+    if np.isnan(chosen).any() or np.isnan(rejected).any():
+        return None
+    return chosen, rejected
+
+
+def scored_rows(cache_dir: str) -> set[int]:
+    """Row indices already scored in partial parts (written by the streaming stage)."""
+    import pyarrow.parquet as pq
+
+    rows: set[int] = set()
+    for part in glob.glob(os.path.join(cache_dir, "parts", "*.parquet")):
+        rows.update(int(i) for i in pq.read_table(part, columns=["row_index"])["row_index"].to_numpy())
+    return rows
+
+
+def finalize(cache_dir: str, num_rows: int) -> bool:
+    """Merge the streamed parts into one table and write the marker, if every row is there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(glob.glob(os.path.join(cache_dir, "parts", "*.parquet")))
+    if not parts:
+        return False
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    idx = table["row_index"].to_numpy()
+    _, first = np.unique(idx, return_index=True)  # a row scored twice (retry) keeps one copy
+    table = table.take(pa.array(np.sort(first)))
+    if len(table) != num_rows:
+        return False
+    tmp = os.path.join(cache_dir, f".{TABLE}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, os.path.join(cache_dir, TABLE))
+    marker_tmp = os.path.join(cache_dir, f".{MARKER}.tmp")
+    Path(marker_tmp).write_text(json.dumps({"num_rows": num_rows, "created": time.time()}))
+    os.replace(marker_tmp, os.path.join(cache_dir, MARKER))
+    shutil.rmtree(os.path.join(cache_dir, "parts"), ignore_errors=True)
+    return True

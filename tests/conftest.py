@@ -47,7 +47,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        # Workers import test modules (actor classes defined in tests) from the repo root.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+               "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
         ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+                 configure_logging=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()

@@ -1,0 +1,31 @@
+# Two entry points that work on a fresh machine (2 CPU cores, no GPU, PyPI only):
+#   make demo   tiny model -> SFT -> DPO on the demo task, on a local Ray
+#   make test   the whole test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.rayalign-installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: it resolves to the CPU wheel on local disk; a bare "torch" could pull
+# a multi-GB CUDA build. deepspeed is an sdist: installed on its own, after torch.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "ray[default,train,data]>=2.40" "transformers>=4.56,<5.20" peft datasets accelerate safetensors tokenizers
+	$(PIP) install -q --no-cache-dir deepspeed
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rayalign demo --output_dir outputs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra --timeout=900 tests
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,303 @@
+"""Crash-safe checkpoints in Hugging Face layout, on a local path or a pyarrow URI.
+
+A checkpoint directory `<output_dir>/checkpoint-<step>/` holds:
+
+    model.safetensors, config.json, generation_config.json, tokenizer files, README.md
+        (or adapter_model.safetensors + adapter_config.json for LoRA)
+    rayalign_config.yaml      the run config, as text (never a pickle)
+    trainer_state.json        step, epoch, data position, log history
+    rng_state_<rank>.json / .safetensors   python/numpy/torch RNG states per rank
+    deepspeed/                optimizer and scheduler states (DeepSpeed save_checkpoint)
+    rayalign_complete.json    the completion marker, written last
+
+Learners write into a local staging directory; `commit_checkpoint` publishes it: on a
+local filesystem by renaming a `.tmp-*` directory into place (atomic), elsewhere by
+uploading with the marker last (the marker is the commit point on object stores). A
+checkpoint without a valid marker is never loaded; `latest` falls back past it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+logger = logging.getLogger("rayalign")
+
+MARKER = "rayalign_complete.json"
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+               "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja", "README.md", "rayalign_config.yaml")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or damaged; the message names it."""
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _file_list(local_dir: str) -> dict[str, int]:
+    out = {}
+    for root, _, files in os.walk(local_dir):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, local_dir)] = os.path.getsize(p)
+    return out
+
+
+def commit_checkpoint(local_dir: str, output_dir: str, name: str, *, step: int,
+                      metadata: dict | None = None) -> str:
+    """Publish `local_dir` as `<output_dir>/<name>` atomically; returns its path/URI."""
+    fs, base = _fs(output_dir)
+    files = _file_list(local_dir)
+    marker = {"step": step, "time": time.time(), "files": files, **(metadata or {})}
+    final = _join(base, name)
+    if _is_local(fs):
+        os.makedirs(base, exist_ok=True)
+        tmp = _join(base, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+        if os.path.dirname(os.path.abspath(local_dir)) == base:
+            os.replace(local_dir, tmp)  # staged next to the output: a rename, no copy
+        else:
+            shutil.copytree(local_dir, tmp)
+        Path(tmp, MARKER).write_text(json.dumps(marker))
+        if os.path.exists(final):  # re-save of the same step: swap, then delete the old one
+            old = _join(base, f".tmp-old-{name}-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        return final
+    fs.create_dir(final, recursive=True)
+    for rel in files:
+        dest = _join(final, rel)
+        fs.create_dir(os.path.dirname(dest), recursive=True)
+        pafs.copy_files(os.path.join(local_dir, rel), dest, destination_filesystem=fs)
+    with fs.open_output_stream(_join(final, MARKER)) as f:
+        f.write(json.dumps(marker).encode())
+    return f"{output_dir.split('://')[0]}://{final}"
+
+
+def verify_checkpoint(path: str) -> dict:
+    """Raise CheckpointError unless `path` has a marker and every listed file at its size."""
+    fs, p = _fs(path)
+    try:
+        with fs.open_input_stream(_join(p, MARKER)) as f:
+            marker = json.loads(f.read().decode())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER}; the save did not finish)") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: damaged completion marker: {exc}") from exc
+    infos = {i.path: i for i in fs.get_file_info([_join(p, rel) for rel in marker.get("files", {})])}
+    for rel, size in marker.get("files", {}).items():
+        info = infos[_join(p, rel)]
+        if info.type != pafs.FileType.File:
+            raise CheckpointError(f"{path}: file {rel} listed in {MARKER} is missing")
+        if info.size != size:
+            raise CheckpointError(f"{path}: file {rel} is {info.size} bytes, expected {size} (damaged)")
+    return marker
+
+
+def is_complete(path: str) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
+    fs, base = _fs(output_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    out = []
+    for info in infos:
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint-") and name[11:].isdigit():
+            out.append((int(name[11:]), output_dir.rstrip("/") + "/" + name))
+    return sorted(out)
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete `checkpoint-<step>` directories, oldest first (marker present)."""
+    out = []
+    for step, path in _checkpoint_dirs(output_dir):
+        fs, p = _fs(path)
+        if fs.get_file_info(_join(p, MARKER)).type == pafs.FileType.File:
+            out.append((step, path))
+    return out
+
+
+def resolve_checkpoint(output_dir: str, spec: str) -> str:
+    """A checkpoint path, or for "latest" the newest complete and undamaged one."""
+    if spec != "latest":
+        verify_checkpoint(spec)
+        return spec
+    for step, path in reversed(_checkpoint_dirs(output_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            logger.warning("skipping checkpoint: %s", exc)
+    raise CheckpointError(f"resume_from_checkpoint=latest: no complete checkpoint in {output_dir}")
+
+
+def prune_checkpoints(output_dir: str, save_total_limit: int | None, keep: list[str] | None = None) -> list[str]:
+    """Delete the oldest complete checkpoints beyond the limit and stale `.tmp-*` dirs."""
+    fs, base = _fs(output_dir)
+    removed = []
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except FileNotFoundError:
+        infos = []
+    for info in infos:
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(".tmp-"):
+            fs.delete_dir(info.path)
+            removed.append(info.path)
+    if save_total_limit:
+        keep_set = {os.path.abspath(k) if "://" not in k else k for k in (keep or [])}
+        complete = list_checkpoints(output_dir)
+        excess = len(complete) - save_total_limit
+        for _, path in complete:
+            if excess <= 0:
+                break
+            norm = os.path.abspath(path) if "://" not in path else path
+            if norm in keep_set:
+                continue
+            fs.delete_dir(_fs(path)[1])
+            removed.append(path)
+            excess -= 1
+    return removed
+
+
+def download_checkpoint(path: str, local_root: str) -> str:
+    """A local copy of a remote checkpoint (local paths are returned as they are)."""
+    fs, p = _fs(path)
+    if _is_local(fs):
+        return p
+    dest = os.path.join(local_root, f".download-{os.path.basename(p.rstrip('/'))}")
+    shutil.rmtree(dest, ignore_errors=True)
+    pafs.copy_files(p, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def publish_model(checkpoint_path: str, output_dir: str) -> str:
+    """Copy a checkpoint's model files (not optimizer state) into `output_dir` itself,
+    each file replaced atomically, so output_dir loads with from_pretrained."""
+    src_fs, src = _fs(checkpoint_path)
+    dst_fs, dst = _fs(output_dir)
+    for name in MODEL_FILES:
+        s = _join(src, name)
+        if src_fs.get_file_info(s).type != pafs.FileType.File:
+            continue
+        tmp = _join(dst, f".{name}.tmp")
+        pafs.copy_files(s, tmp, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        dst_fs.move(tmp, _join(dst, name))
+    return output_dir
+
+
+# ----------------------------------------------------------------------------- text files
+
+
+def write_model_card(directory: str, *, base_model: str, datasets: list[str], method: str,
+                     metrics: dict | None = None, library: str = "transformers") -> None:
+    """A Hugging Face model card naming base model, data, method and final metrics."""
+    rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
+                     for k, v in sorted((metrics or {}).items()))
+    card = f"""---
+base_model: {base_model}
+library_name: {library}
+tags:
+- rayalign
+- {method.lower()}
+---
+
+# Model trained with rayalign ({method})
+
+* Base model: `{base_model}`
+* Method: {method}
+* Data: {', '.join(f'`{d}`' for d in datasets)}
+
+## Final evaluation metrics
+
+| metric | value |
+|---|---|
+{rows or '| (none) | |'}
+
+Trained with [rayalign](https://github.com/rayalign/rayalign); the run config is in
+`rayalign_config.yaml`.
+"""
+    Path(directory, "README.md").write_text(card)
+
+
+def save_run_config(directory: str, cfg) -> None:
+    from rayalign.config import to_yaml
+
+    Path(directory, "rayalign_config.yaml").write_text(to_yaml(cfg))
+
+
+def save_trainer_state(directory: str, state: dict) -> None:
+    Path(directory, "trainer_state.json").write_text(json.dumps(state, indent=1, default=float))
+
+
+def load_trainer_state(directory: str) -> dict:
+    path = Path(directory, "trainer_state.json")
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no trainer_state.json (not a training checkpoint)")
+    return json.loads(path.read_text())
+
+
+def save_rng_state(directory: str, rank: int) -> None:
+    """Python, numpy and torch RNG states without pickle (JSON + safetensors)."""
+    from safetensors.torch import save_file
+
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    Path(directory, f"rng_state_{rank}.json").write_text(json.dumps({
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }))
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(Path(directory, f"rng_state_{rank}.safetensors")))
+
+
+def load_rng_state(directory: str, rank: int) -> None:
+    from safetensors.torch import load_file
+
+    path = Path(directory, f"rng_state_{rank}.json")
+    if not path.exists():
+        return
+    state = json.loads(path.read_text())
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    tensors = load_file(str(Path(directory, f"rng_state_{rank}.safetensors")))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])

@@ -1,0 +1,191 @@
+"""Sequence log-probs of completions: one forward, completion tokens only, memory-lean.
+
+Per-token log-probs are aligned with the *unshifted* sequence: `per_token[:, t]` is
+log p(x_t | x_<t) where token t is a completion token, 0 elsewhere — so the completion
+mask of a batch masks them directly. Log-softmax is evaluated only at completion positions
+and in row chunks, never over the whole (N, L, V) block. `padding_free=True` packs every
+sequence of a batch into one row with restarting position ids (transformers turns that
+into a block-diagonal causal mask), which gives the same numbers as the padded path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rayalign.batch import PreferenceBatch, SequenceBatch
+
+CHUNK_ROWS = 1024  # completion positions whose log-softmax is evaluated at once
+
+
+@dataclass
+class LogProbs:
+    """Per-sequence completion statistics of one forward pass."""
+
+    per_token_logps: torch.Tensor  # (N, L), 0 outside the completion
+    sum_logps: torch.Tensor  # (N,) token-summed
+    num_tokens: torch.Tensor  # (N,) completion token counts
+    mean_logits: torch.Tensor  # (N, L) vocabulary-mean logit per completion position, 0 elsewhere
+    log_sum_sq_probs: torch.Tensor | None = None  # (N, L) log sum_v p_v^2 (WPO), when asked
+
+    @property
+    def mean_logps(self) -> torch.Tensor:
+        return self.sum_logps / self.num_tokens.clamp(min=1)
+
+
+@dataclass
+class PreferenceLogProbs:
+    """Chosen/rejected halves of a `PreferenceBatch` forward."""
+
+    chosen_logps: torch.Tensor  # (B,) summed (LD-weighted when ld_alpha is set)
+    rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor  # (B,) completion token counts
+    rejected_lengths: torch.Tensor
+    chosen_mean_logits: torch.Tensor  # scalar: token-weighted mean logit over chosen completions
+    rejected_mean_logits: torch.Tensor
+    chosen_per_token_logps: torch.Tensor  # (B, L)
+    chosen_weights: torch.Tensor | None = None  # WPO sequence weights
+    rejected_weights: torch.Tensor | None = None
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[index] for rows of `logits` (..., V), chunked over rows so no
+    full log-softmax tensor is materialised."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    idx = index.reshape(-1)
+    out = []
+    for start in range(0, flat.shape[0], CHUNK_ROWS):
+        rows = flat[start:start + CHUNK_ROWS]
+        picked = rows.gather(-1, idx[start:start + CHUNK_ROWS, None]).squeeze(-1)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    if not out:
+        return flat.new_zeros(index.shape)
+    return torch.cat(out).reshape(index.shape)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      completion_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                      with_log_sum_sq: bool = False) -> LogProbs:
+    """Forward `model` once and score the completion tokens of each row."""
+    kwargs = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    logits = model(**kwargs).logits
+    # Token t is predicted by the logits at t-1; position 0 is never a completion target.
+    target_mask = completion_mask.clone().bool()
+    target_mask[:, 0] = False
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    picked = logits[rows, cols - 1].float()  # (K, V): completion positions only
+    token_logps = selective_log_softmax(picked, input_ids[rows, cols])
+    per_token = logits.new_zeros(input_ids.shape, dtype=torch.float32).index_put((rows, cols), token_logps)
+    mean_logits = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
+    mean_logits = mean_logits.index_put((rows, cols), picked.detach().mean(dim=-1))
+    lssp = None
+    if with_log_sum_sq:
+        with torch.no_grad():
+            value = torch.logsumexp(2 * picked, dim=-1) - 2 * torch.logsumexp(picked, dim=-1)
+            lssp = torch.zeros_like(per_token).index_put((rows, cols), value)
+    mask = target_mask.to(per_token.dtype)
+    return LogProbs(per_token_logps=per_token, sum_logps=per_token.sum(dim=1),
+                    num_tokens=mask.sum(dim=1), mean_logits=mean_logits, log_sum_sq_probs=lssp)
+
+
+def _pack(input_ids, attention_mask, completion_mask):
+    """All rows' real tokens in one row, position ids restarting per sequence."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    ids, comp, pos = [], [], []
+    for i, n in enumerate(lengths):
+        ids.append(input_ids[i, :n])
+        comp.append(completion_mask[i, :n])
+        pos.append(torch.arange(n, device=input_ids.device))
+    return torch.cat(ids)[None], torch.cat(comp)[None], torch.cat(pos)[None], lengths
+
+
+def _unpack(packed: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:
+    out = packed.new_zeros((len(lengths), width))
+    start = 0
+    for i, n in enumerate(lengths):
+        out[i, :n] = packed[0, start:start + n]
+        start += n
+    return out
+
+
+def batch_logprobs(model, input_ids, attention_mask, completion_mask, *, padding_free: bool = False,
+                   with_log_sum_sq: bool = False) -> LogProbs:
+    """`sequence_logprobs` on a right-padded block, optionally through the packed path."""
+    if not padding_free:
+        return sequence_logprobs(model, input_ids, attention_mask, completion_mask,
+                                 with_log_sum_sq=with_log_sum_sq)
+    ids, comp, pos, lengths = _pack(input_ids, attention_mask, completion_mask)
+    # A sequence's first token must not be scored as if predicted by the previous sequence.
+    starts = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)[:-1].tolist()))
+    comp = comp.clone()
+    comp[0, starts] = 0
+    out = sequence_logprobs(model, ids, None, comp, position_ids=pos, with_log_sum_sq=with_log_sum_sq)
+    width = input_ids.shape[1]
+    per_token = _unpack(out.per_token_logps, lengths, width)
+    mean_logits = _unpack(out.mean_logits, lengths, width)
+    lssp = None if out.log_sum_sq_probs is None else _unpack(out.log_sum_sq_probs, lengths, width)
+    mask = completion_mask.clone().bool()
+    mask[:, 0] = False
+    return LogProbs(per_token_logps=per_token, sum_logps=per_token.sum(dim=1),
+                    num_tokens=mask.to(per_token.dtype).sum(dim=1), mean_logits=mean_logits,
+                    log_sum_sq_probs=lssp)
+
+
+def ld_weighted(per_token: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO: tokens beyond the shorter completion of each pair count with weight alpha.
+    Rows are [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]."""
+    position = mask.long().cumsum(dim=1)  # 1..n within each completion
+    lengths = mask.long().sum(dim=1)
+    c_len, r_len = lengths.chunk(2)
+    shared = torch.minimum(c_len, r_len).repeat(2)[:, None]
+    in_shared = (position > 0) & (position <= shared) & mask.bool()
+    in_tail = (position > shared) & mask.bool()
+    return (per_token * in_shared).sum(dim=1) + alpha * (per_token * in_tail).sum(dim=1)
+
+
+def preference_logprobs(model, batch: PreferenceBatch, *, ld_alpha: float | None = None,
+                        use_weighting: bool = False, padding_free: bool = False) -> PreferenceLogProbs:
+    """Chosen and rejected log-probs from one concatenated forward (TRL's DPO inputs)."""
+    from rayalign.losses import wpo_weights
+
+    device = _device(model)
+    ids = batch.input_ids.to(device)
+    attn = batch.attention_mask.to(device)
+    comp = batch.completion_mask.to(device)
+    out = batch_logprobs(model, ids, attn, comp, padding_free=padding_free, with_log_sum_sq=use_weighting)
+    mask = comp.clone().bool()
+    mask[:, 0] = False
+    logps = out.sum_logps if ld_alpha is None else ld_weighted(out.per_token_logps, mask, ld_alpha)
+    b = len(batch)
+    c_mask, r_mask = mask[:b], mask[b:]
+    c_tokens, r_tokens = c_mask.sum().clamp(min=1), r_mask.sum().clamp(min=1)
+    weights = (None, None)
+    if use_weighting:
+        w = wpo_weights(out.per_token_logps, out.log_sum_sq_probs, mask)
+        weights = (w[:b], w[b:])
+    return PreferenceLogProbs(
+        chosen_logps=logps[:b], rejected_logps=logps[b:],
+        chosen_lengths=out.num_tokens[:b], rejected_lengths=out.num_tokens[b:],
+        chosen_mean_logits=(out.mean_logits[:b] * c_mask).sum() / c_tokens,
+        rejected_mean_logits=(out.mean_logits[b:] * r_mask).sum() / r_tokens,
+        chosen_per_token_logps=out.per_token_logps[:b],
+        chosen_weights=weights[0], rejected_weights=weights[1])
+
+
+def sft_logprobs(model, batch: SequenceBatch, *, padding_free: bool = False) -> LogProbs:
+    """Completion log-probs of single sequences (the SFT job)."""
+    device = _device(model)
+    return batch_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                          batch.completion_mask.to(device), padding_free=padding_free)
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")

@@ -43,12 +43,15 @@ class PreferenceBatch:
         rows: Sequence[Mapping] | Mapping[str, Sequence],
         pad_token_id: int,
         pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        truncation_mode: str = "keep_start",
     ) -> "PreferenceBatch":
         """Collate tokenized rows (`prompt_ids`, `chosen_ids`, `rejected_ids`, optional
         `ref_chosen_logps`, `ref_rejected_logps`, `margin`) into a padded batch.
 
-        Accepts a list of row dicts or a dict of columns (what Ray Data's
-        `iter_batches(batch_format="numpy")` yields).
+        Each prompt+completion sequence is truncated to `max_length` on its own, keeping its
+        start or its end (TRL 1.16's collator). Accepts a list of row dicts or a dict of
+        columns (what Ray Data's `iter_batches(batch_format="numpy")` yields).
         """
         rows = _as_row_list(rows)
         if not rows:
@@ -60,12 +63,13 @@ class PreferenceBatch:
                 completion = [int(t) for t in row[key]]
                 seqs.append(prompt + completion)
                 masks.append([0] * len(prompt) + [1] * len(completion))
+        seqs, masks = truncate(seqs, masks, max_length, truncation_mode)
         input_ids, attention_mask, completion_mask = pad_sequences(
             seqs, masks, pad_token_id, pad_to_multiple_of
         )
         extras = {}
         for name in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
-            if all(name in row and row[name] is not None for row in rows):
+            if all(_present(row.get(name)) for row in rows):
                 extras[name] = torch.tensor([float(row[name]) for row in rows], dtype=torch.float32)
         return cls(input_ids, attention_mask, completion_mask, **extras)
 
@@ -155,9 +159,10 @@ class SequenceBatch:
 
     @classmethod
     def from_rows(
-        cls, rows: Sequence[Mapping] | Mapping[str, Sequence], pad_token_id: int
+        cls, rows: Sequence[Mapping] | Mapping[str, Sequence], pad_token_id: int,
+        max_length: int | None = None, truncation_mode: str = "keep_start",
     ) -> "SequenceBatch":
-        """Collate rows with `prompt_ids` and `completion_ids`."""
+        """Collate rows with `prompt_ids` and `completion_ids` (truncated like PreferenceBatch)."""
         rows = _as_row_list(rows)
         if not rows:
             raise ValueError("SequenceBatch.from_rows got an empty batch")
@@ -167,6 +172,7 @@ class SequenceBatch:
             completion = [int(t) for t in row["completion_ids"]]
             seqs.append(prompt + completion)
             masks.append([0] * len(prompt) + [1] * len(completion))
+        seqs, masks = truncate(seqs, masks, max_length, truncation_mode)
         return cls(*pad_sequences(seqs, masks, pad_token_id))
 
     def split(self, n: int) -> list["SequenceBatch"]:
@@ -189,6 +195,18 @@ class SequenceBatch:
 
     def to(self, device: torch.device | str) -> "SequenceBatch":
         return SequenceBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def truncate(seqs, masks, max_length: int | None, truncation_mode: str):
+    """Cut each sequence (and its mask) to max_length, keeping its start or its end."""
+    if max_length is None:
+        return seqs, masks
+    sl = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+    return [s[sl] for s in seqs], [m[sl] for m in masks]
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value)
 
 
 def pad_sequences(

@@ -176,7 +176,7 @@ class TrainConfig:
     max_length: int | None = 1024
     max_prompt_length: int | None = None  # rayalign extra (TRL 0.x): truncate the prompt first
     max_completion_length: int | None = None  # rayalign extra: truncate completions first
-    truncation_mode: str = "keep_end"
+    truncation_mode: str = "keep_start"  # TRL 1.16 default
     drop_bad_rows: bool = False  # True: drop and count malformed rows instead of failing
     trust_remote_code: bool = False
     ray: RayConfig = field(default_factory=RayConfig)

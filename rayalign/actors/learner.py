@@ -143,7 +143,8 @@ class PolicyLearner(DistributedWorker):
         row_cls = SequenceBatch if isinstance(self.cfg, SFTConfig) else PreferenceBatch
         raw = shard.iter_batches(batch_size=self.cfg.per_device_train_batch_size,
                                  batch_format="numpy", drop_last=True)
-        self._batches = (row_cls.from_rows(b, pad) for b in raw)
+        self._batches = (row_cls.from_rows(b, pad, max_length=self.cfg.max_length,
+                                           truncation_mode=self.cfg.truncation_mode) for b in raw)
         for _ in range(skip_batches):
             self._next_batch()
 

@@ -87,7 +87,8 @@ class ReferenceLogpsStage:
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = PreferenceBatch.from_rows(rows, self.pad_id)
+        batch = PreferenceBatch.from_rows(rows, self.pad_id, max_length=self.cfg.max_length,
+                                          truncation_mode=self.cfg.truncation_mode)
         chosen, rejected = [], []
         for part in _chunks(batch, self.cfg.reference.batch_size):
             c, r = objectives.reference_logprobs(self.model, part, self.cfg)

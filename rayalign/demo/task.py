@@ -1,7 +1,7 @@
 """The demo task: reverse a short sequence of letters — small, learnable, checkable.
 
     prompt:     "Reverse: c a f b"
-    completion: "b f a c"
+    completion: " b f a c"     (standard format: a leading space, as prompt + completion is one text)
 
 A tiny model learns it from a minute of SFT on 2 CPU cores, only partly, which leaves
 headroom for DPO and online DPO. `write_demo_data` writes (seeded, deterministic):
@@ -117,13 +117,14 @@ def write_demo_data(output_dir, *, seed: int = 0, n_sft: int = 4000, n_pref: int
     sft_eval = [(prompt_text(p), answer_text(p)) for p in eval_problems]
     pref_train = pref_rows(train_problems[:n_pref])
     pref_eval = pref_rows(eval_problems)
+    # Standard-format completions start with a space: TRL concatenates prompt + completion text.
     files: dict[str, list[dict]] = {
-        "sft_train.jsonl": [{"prompt": p, "completion": c} for p, c in sft_train],
-        "sft_eval.jsonl": [{"prompt": p, "completion": c} for p, c in sft_eval],
+        "sft_train.jsonl": [{"prompt": p, "completion": " " + c} for p, c in sft_train],
+        "sft_eval.jsonl": [{"prompt": p, "completion": " " + c} for p, c in sft_eval],
         "sft_train_conversational.jsonl": [{"prompt": _user(p), "completion": _assistant(c)}
                                            for p, c in sft_train],
-        "pref_train.jsonl": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pref_train],
-        "pref_eval.jsonl": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pref_eval],
+        "pref_train.jsonl": [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in pref_train],
+        "pref_eval.jsonl": [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in pref_eval],
         "pref_train_conversational.jsonl": [
             {"prompt": _user(p), "chosen": _assistant(c), "rejected": _assistant(r)} for p, c, r in pref_train],
         "pref_eval_conversational.jsonl": [

@@ -95,7 +95,8 @@ class PreparedData:
             self.eval_rows = eds.take_all()
             batch_cls = SequenceBatch if self.kind == "sft" else PreferenceBatch
             size = cfg.per_device_eval_batch_size
-            eval_batches = [batch_cls.from_rows(self.eval_rows[i:i + size], self.pad_token_id)
+            eval_batches = [batch_cls.from_rows(self.eval_rows[i:i + size], self.pad_token_id,
+                                                max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
                             for i in range(0, len(self.eval_rows), size)]
         if self.kind == "dpo" and cfg.reference_mode == "precompute":
             self._prepare_cache(cfg)
@@ -180,7 +181,7 @@ def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
         max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
     check = data_lib.validate_sft_file if kind == "sft" else data_lib.validate_preference_file
-    check(cfg.train_dataset, tokenizer, settings, drop_bad_rows=cfg.drop_bad_rows, field="train_dataset")
+    info = check(cfg.train_dataset, tokenizer, settings, drop_bad_rows=cfg.drop_bad_rows, field="train_dataset")
     if cfg.eval_dataset:
         check(cfg.eval_dataset, tokenizer, settings, drop_bad_rows=cfg.drop_bad_rows, field="eval_dataset")
     return PreparedData(kind, settings, cfg.train_dataset, cfg.eval_dataset,

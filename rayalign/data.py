@@ -301,35 +301,36 @@ def _normalize_all(rows: list[dict], kind: str, source: str, drop_bad_rows: bool
 
 
 def validate_file(path: str, tokenizer, settings: TokenizeSettings, *, kind: str = "preference",
-                  drop_bad_rows: bool = False, field: str = "train_dataset") -> DataInfo:
-    """Read and check every row (fields and token lengths) before any Ray or model work."""
+                  drop_bad_rows: bool = False, field: str = "train_dataset") -> tuple[pa.Table, DataInfo]:
+    """Read, check and tokenize every row on the driver, before any Ray or model work, so a
+    bad row fails the run at once with its file, row and field. Returns the tokenized rows
+    (the same columns `TokenizeStage` produces) and counts."""
     rows = read_rows(path, field)
     if not rows:
         raise DataError(f"{field}: {path} has no rows")
     clean, dropped = _normalize_all(rows, kind, path, drop_bad_rows)
     tok_fn = tokenize_sft_row if kind == "sft" else tokenize_preference_row
-    kept = 0
+    out = []
     for row in clean:
         try:
-            tok_fn(row, tokenizer, settings, path, row["row_index"])
-            kept += 1
+            out.append({"row_index": row["row_index"], **tok_fn(row, tokenizer, settings, path, row["row_index"])})
         except DataError as exc:
             if not drop_bad_rows:
                 raise
             dropped += 1
             logger.warning("dropping bad row: %s", exc)
-    if kept == 0:
+    if not out:
         raise DataError(f"{field}: {path}: every row is bad ({dropped} dropped)")
     if dropped:
         logger.warning("%s: %s: dropped %d of %d rows (drop_bad_rows=true)", field, path, dropped, len(rows))
-    return DataInfo(path, kept, dropped)
+    return pa.Table.from_pylist(out, schema=_token_schema(kind)), DataInfo(path, len(out), dropped)
 
 
-def validate_preference_file(path, tokenizer, settings, *, drop_bad_rows=False, field="train_dataset") -> DataInfo:
+def validate_preference_file(path, tokenizer, settings, *, drop_bad_rows=False, field="train_dataset"):
     return validate_file(path, tokenizer, settings, kind="preference", drop_bad_rows=drop_bad_rows, field=field)
 
 
-def validate_sft_file(path, tokenizer, settings, *, drop_bad_rows=False, field="train_dataset") -> DataInfo:
+def validate_sft_file(path, tokenizer, settings, *, drop_bad_rows=False, field="train_dataset"):
     return validate_file(path, tokenizer, settings, kind="sft", drop_bad_rows=drop_bad_rows, field=field)
 
 

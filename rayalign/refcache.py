@@ -69,8 +69,10 @@ def cache_root(cfg: DPOConfig) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), ".rayalign_ref_cache")
 
 
-def load_cached(cache_dir: str, num_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(chosen, rejected) arrays indexed by row_index, or None if absent/incomplete."""
+def load_cached(cache_dir: str, num_rows: int, row_index: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(chosen, rejected) arrays indexed by row_index, or None if absent/incomplete.
+    `row_index`: the rows that must be present (default 0..num_rows-1)."""
     import pyarrow.parquet as pq
 
     marker = os.path.join(cache_dir, MARKER)
@@ -81,11 +83,13 @@ def load_cached(cache_dir: str, num_rows: int) -> tuple[np.ndarray, np.ndarray] 
         return None
     table = pq.read_table(os.path.join(cache_dir, TABLE))
     idx = table["row_index"].to_numpy()
-    chosen = np.full(num_rows, np.nan, dtype=np.float32)
-    rejected = np.full(num_rows, np.nan, dtype=np.float32)
+    size = int(max(idx.max(), -1 if row_index is None else row_index.max())) + 1
+    chosen = np.full(size, np.nan, dtype=np.float32)
+    rejected = np.full(size, np.nan, dtype=np.float32)
     chosen[idx] = table["ref_chosen_logps"].to_numpy()
     rejected[idx] = table["ref_rejected_logps"].to_numpy()
-    if np.isnan(chosen).any() or np.isnan(rejected).any():
+    need = np.arange(num_rows) if row_index is None else row_index
+    if np.isnan(chosen[need]).any() or np.isnan(rejected[need]).any():
         return None
     return chosen, rejected
 

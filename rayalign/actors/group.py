@@ -86,6 +86,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
                      runtime_env={"env_vars": env}, configure_logging=False)
     except ConnectionError as exc:
         raise ClusterError(f"ray.address: cannot connect to Ray at {address!r}: {exc}") from exc
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress output drowns the step lines; keep warnings only."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    for attr in ("enable_operator_progress_bars", "print_on_execution_start"):
+        if hasattr(ctx, attr):
+            setattr(ctx, attr, False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 class ActorGroup:

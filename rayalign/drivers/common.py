@@ -67,39 +67,41 @@ class PreparedData:
     """Validated, tokenized data and how to produce each epoch's Ray Dataset."""
 
     kind: str
-    settings: object
     train_path: str
-    eval_path: str | None
-    num_train_rows: int = 0
+    train_table: object  # pyarrow Table of tokenized rows (row_index, prompt_ids, ...)
+    eval_path: str | None = None
+    eval_table: object = None
     pad_token_id: int = 0
     _train: object = None
     _cache: tuple | None = None
     _cache_dir: str | None = None
     eval_rows: list = field(default_factory=list)
 
+    @property
+    def num_train_rows(self) -> int:
+        return self.train_table.num_rows
+
     def build(self, cfg: TrainConfig) -> tuple[Callable[[int], object], list]:
         """Create the Ray Datasets (after ray.init); returns (epoch -> dataset, eval batches)."""
-        load = data_lib.load_sft_dataset if self.kind == "sft" else data_lib.load_preference_dataset
-        ds, info = load(self.train_path, cfg.tokenizer_path, self.settings,
-                        drop_bad_rows=cfg.drop_bad_rows)
-        self._train = ds.materialize()
-        self.num_train_rows = self._train.count()
-        if info.num_dropped:
-            logger.warning("train_dataset: dropped %d bad rows (drop_bad_rows=true)", info.num_dropped)
+        import ray
+
+        self._train = ray.data.from_arrow(self.train_table)
         eval_batches = []
-        if self.eval_path:
-            eds, einfo = load(self.eval_path, cfg.tokenizer_path, self.settings,
-                              drop_bad_rows=cfg.drop_bad_rows)
+        if self.eval_table is not None:
             if self.kind == "dpo" and cfg.reference_mode == "precompute":
-                eds = self._with_cached_reference(cfg, eds, self.eval_path, streaming=False)
-            self.eval_rows = eds.take_all()
+                self.eval_rows = self._scored_rows(cfg, self.eval_table, self.eval_path)
+            else:
+                self.eval_rows = self.eval_table.to_pylist()
             batch_cls = SequenceBatch if self.kind == "sft" else PreferenceBatch
             size = cfg.per_device_eval_batch_size
             eval_batches = [batch_cls.from_rows(self.eval_rows[i:i + size], self.pad_token_id,
                                                 max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
                             for i in range(0, len(self.eval_rows), size)]
         if self.kind == "dpo" and cfg.reference_mode == "precompute":
-            self._prepare_cache(cfg)
+            self._cache_dir = os.path.join(refcache.cache_root(cfg), refcache.cache_key(cfg, self.train_path))
+            os.makedirs(self._cache_dir, exist_ok=True)
+            self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
+            logger.info("reference cache %s: %s", self._cache_dir, "hit" if self._cache else "miss")
         return self._epoch_dataset(cfg), eval_batches
 
     def _epoch_dataset(self, cfg: TrainConfig):
@@ -113,20 +115,14 @@ class PreparedData:
 
     # -- precomputed reference log-probs ------------------------------------------------
 
-    def _prepare_cache(self, cfg: DPOConfig) -> None:
-        key = refcache.cache_key(cfg, self.train_path)
-        self._cache_dir = os.path.join(refcache.cache_root(cfg), key)
-        os.makedirs(self._cache_dir, exist_ok=True)
-        self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows)
-        logger.info("reference cache %s: %s", self._cache_dir, "hit" if self._cache else "miss")
-
     @property
     def cache_hit(self) -> bool:
         return self._cache is not None
 
-    def _attach_reference(self, cfg: DPOConfig, ds):
-        if self._cache is not None:
-            chosen, rejected = self._cache
+    def _attach_reference(self, cfg: DPOConfig, ds, cached=None, cache_dir=None):
+        cached = self._cache if cached is None else cached
+        if cached is not None:
+            chosen, rejected = cached
 
             def add(rows):
                 idx = rows["row_index"].astype(np.int64)
@@ -139,39 +135,53 @@ class PreparedData:
 
         from rayalign.actors.reference import ReferenceLogpsStage
 
-        # Streams: learners train on scored blocks while later blocks are still scored.
+        # Streams: learners train on scored blocks while later blocks are still being scored;
+        # each scored block also lands in the cache directory.
         return ds.map_batches(
-            ReferenceLogpsStage, fn_constructor_kwargs={"cfg": cfg, "cache_dir": self._cache_dir},
+            ReferenceLogpsStage, fn_constructor_kwargs={"cfg": cfg, "cache_dir": cache_dir or self._cache_dir},
             compute=ActorPoolStrategy(size=cfg.reference.num_actors),
             num_cpus=cfg.reference.num_cpus_per_actor, num_gpus=cfg.reference.num_gpus_per_actor or None,
             batch_size=cfg.reference.batch_size, batch_format="numpy")
 
-    def _with_cached_reference(self, cfg: DPOConfig, ds, path: str, streaming: bool):
-        key = refcache.cache_key(cfg, path)
-        cache_dir = os.path.join(refcache.cache_root(cfg), key)
-        os.makedirs(cache_dir, exist_ok=True)
-        n = ds.count()
-        cached = refcache.load_cached(cache_dir, n)
-        if cached is None:
-            saved = (self._cache, self._cache_dir)
-            self._cache, self._cache_dir = None, cache_dir
-            self._attach_reference(cfg, ds).materialize()
-            self._cache, self._cache_dir = saved
-            refcache.finalize(cache_dir, n)
-            cached = refcache.load_cached(cache_dir, n)
-        saved = self._cache
-        self._cache = cached
-        out = self._attach_reference(cfg, ds)
-        self._cache = saved
-        return out
+    def _scored_rows(self, cfg: DPOConfig, table, path: str) -> list[dict]:
+        """Eval rows with reference log-probs, through the same cache (computed eagerly)."""
+        import ray
 
-    def end_epoch(self, epoch: int | None) -> None:
-        """After the first full pass in precompute mode the streamed parts become the cache."""
+        cache_dir = os.path.join(refcache.cache_root(cfg), refcache.cache_key(cfg, path))
+        os.makedirs(cache_dir, exist_ok=True)
+        cached = refcache.load_cached(cache_dir, table.num_rows, table["row_index"].to_numpy())
+        ds = ray.data.from_arrow(table)
+        if cached is None:
+            self._attach_reference(cfg, ds, cache_dir=cache_dir).materialize()
+            refcache.finalize(cache_dir, table.num_rows)
+            cached = refcache.load_cached(cache_dir, table.num_rows, table["row_index"].to_numpy())
+        return self._attach_reference(cfg, ds, cached=cached).take_all()
+
+    def end_epoch(self, cfg: DPOConfig) -> None:
+        """After the first pass in precompute mode the streamed parts become the cache; rows
+        the pass skipped (equal splits drop a remainder) are scored here first."""
         if self._cache_dir is None or self._cache is not None:
             return
+        import pyarrow.compute as pc
+        import ray
+
+        missing = sorted(set(self.train_table["row_index"].to_pylist()) - refcache.scored_rows(self._cache_dir))
+        if missing:
+            rest = self.train_table.filter(pc.is_in(self.train_table["row_index"], pa_array(missing)))
+            self._attach_reference(cfg, ray.data.from_arrow(rest)).materialize()
         if refcache.finalize(self._cache_dir, self.num_train_rows):
-            self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows)
+            self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
             logger.info("reference cache written: %s", self._cache_dir)
+
+    @property
+    def _row_index(self):
+        return self.train_table["row_index"].to_numpy()
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.int64())
 
 
 def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
@@ -180,11 +190,15 @@ def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
     settings = data_lib.TokenizeSettings(
         max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
-    check = data_lib.validate_sft_file if kind == "sft" else data_lib.validate_preference_file
-    info = check(cfg.train_dataset, tokenizer, settings, drop_bad_rows=cfg.drop_bad_rows, field="train_dataset")
+    data_kind = "sft" if kind == "sft" else "preference"
+    train, info = data_lib.validate_file(cfg.train_dataset, tokenizer, settings, kind=data_kind,
+                                         drop_bad_rows=cfg.drop_bad_rows, field="train_dataset")
+    steps_per_epoch(info.num_rows, cfg)  # too few rows: fail now, not after the actors start
+    evaluation = None
     if cfg.eval_dataset:
-        check(cfg.eval_dataset, tokenizer, settings, drop_bad_rows=cfg.drop_bad_rows, field="eval_dataset")
-    return PreparedData(kind, settings, cfg.train_dataset, cfg.eval_dataset,
+        evaluation, _ = data_lib.validate_file(cfg.eval_dataset, tokenizer, settings, kind=data_kind,
+                                               drop_bad_rows=cfg.drop_bad_rows, field="eval_dataset")
+    return PreparedData(kind, cfg.train_dataset, train, cfg.eval_dataset, evaluation,
                         pad_token_id=tokenizer.pad_token_id)
 
 

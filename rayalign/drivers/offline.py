@@ -84,7 +84,7 @@ def train(cfg: TrainConfig) -> dict:
             if step_epoch != epoch:  # a new epoch: reshuffle and hand each learner its shard
                 if epoch is not None:
                     learners.call("drain")
-                    data.end_epoch(epoch)
+                    data.end_epoch(cfg)
                 epoch = step_epoch
                 shards = train_ds(epoch).streaming_split(len(learners), equal=True)
                 learners.scatter("set_data", [(s, epoch, step_in_epoch * cfg.gradient_accumulation_steps)
@@ -114,7 +114,7 @@ def train(cfg: TrainConfig) -> dict:
         if kind == "dpo" and cfg.generate_during_eval:
             common.log_generations(cfg, learners, references, data, tracker, total_steps)
         learners.call("drain")
-        data.end_epoch(epoch)
+        data.end_epoch(cfg)
         final_state = {**state, "step": total_steps, "epoch": total_steps / steps_per_epoch}
         common.save(cfg, learners, final_state, name=f"checkpoint-{total_steps}", metrics=final_eval)
         model_dir = common.publish_final(cfg, total_steps, final_eval)
@@ -125,7 +125,8 @@ def train(cfg: TrainConfig) -> dict:
         tracker.close()
         progress.close()
         plot_metrics(f"{cfg.output_dir}/metrics.jsonl", cfg.output_dir, keys=PLOT_KEYS[kind])
-        last_train = state["log_history"][-1] if state["log_history"] else {}
+        train_logs = [h for h in state["log_history"] if "loss" in h]
+        last_train = train_logs[-1] if train_logs else {}
         return {"metrics": {**last_train, **final_eval, **throughput}, "model_dir": model_dir,
                 "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}", "total_steps": total_steps}
     finally:

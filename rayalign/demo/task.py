@@ -1,6 +1,6 @@
 """The demo task: reverse a short sequence of letters — small, learnable, checkable.
 
-    prompt:     "Reverse: c a f b"
+    prompt:     "Reverse: c a f b ->"
     completion: " b f a c"     (standard format: a leading space, as prompt + completion is one text)
 
 A tiny model learns it from a minute of SFT on 2 CPU cores, only partly, which leaves
@@ -37,7 +37,8 @@ def make_problem(rng: random.Random) -> list[str]:
 
 
 def prompt_text(letters: Sequence[str]) -> str:
-    return f"{PROMPT_PREFIX} {' '.join(letters)}"
+    # The arrow marks where the answer starts (the letters alone would not).
+    return f"{PROMPT_PREFIX} {' '.join(letters)} ->"
 
 
 def answer_text(letters: Sequence[str]) -> str:

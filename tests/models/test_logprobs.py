@@ -1,0 +1,102 @@
+"""Log-prob module: selective log-softmax, masking, packed == padded, LD-DPO, WPO, PEFT."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rayalign.batch import PreferenceBatch
+from rayalign.losses import wpo_weights
+from rayalign.models.logprobs import preference_logprobs, selective_log_softmax, sequence_logprobs
+
+ROWS = [
+    {"prompt_ids": [3, 5, 6, 7], "chosen_ids": [8, 9, 1], "rejected_ids": [10, 1]},
+    {"prompt_ids": [3, 5], "chosen_ids": [8, 9, 11, 12, 1], "rejected_ids": [13, 14, 15, 1]},
+    {"prompt_ids": [3, 5, 6, 7, 9, 9, 4], "chosen_ids": [20, 1], "rejected_ids": [21, 22, 23, 24, 25, 1]},
+]
+
+
+def model(tiny_model_dir):
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    m.eval()
+    return m
+
+
+def naive(m, batch):
+    with torch.no_grad():
+        logp = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.log_softmax(-1)
+    tok = logp[:, :-1].gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    return tok * batch.completion_mask[:, 1:], logp
+
+
+def test_selective_log_softmax_equals_log_softmax_gather():
+    logits = torch.randn(3, 7, 50)
+    index = torch.randint(0, 50, (3, 7))
+    want = logits.log_softmax(-1).gather(-1, index[..., None]).squeeze(-1)
+    assert torch.allclose(selective_log_softmax(logits, index), want, atol=1e-6)
+
+
+def test_summed_logps_equal_naive_and_respect_the_mask(tiny_model_dir):
+    m = model(tiny_model_dir)
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    per_token, _ = naive(m, batch)
+    with torch.no_grad():
+        out = preference_logprobs(m, batch)
+    sums = per_token.sum(1)
+    assert torch.allclose(out.chosen_logps, sums[:3], atol=1e-5)
+    assert torch.allclose(out.rejected_logps, sums[3:], atol=1e-5)
+    assert out.chosen_lengths.tolist() == [3, 5, 2] and out.rejected_lengths.tolist() == [2, 4, 6]
+
+
+def test_packed_equals_padded_and_packing_really_isolates_sequences(tiny_model_dir):
+    m = model(tiny_model_dir)
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    with torch.no_grad():
+        padded = preference_logprobs(m, batch)
+        packed = preference_logprobs(m, batch, padding_free=True)
+        assert torch.allclose(packed.chosen_logps, padded.chosen_logps, atol=1e-5)
+        assert torch.allclose(packed.rejected_logps, padded.rejected_logps, atol=1e-5)
+        # the same row without restarting positions (attention leaks across sequences) differs
+        lengths = batch.attention_mask.sum(1).tolist()
+        ids = torch.cat([batch.input_ids[i, :n] for i, n in enumerate(lengths)])[None]
+        comp = torch.cat([batch.completion_mask[i, :n] for i, n in enumerate(lengths)])[None]
+        leaky = sequence_logprobs(m, ids, torch.ones_like(ids), comp).per_token_logps
+        assert not torch.allclose(leaky.sum(), packed.chosen_logps.sum() + packed.rejected_logps.sum(), atol=1e-3)
+
+
+def test_ld_alpha_weights_the_tail_of_the_longer_completion(tiny_model_dir):
+    m = model(tiny_model_dir)
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    per_token, _ = naive(m, batch)
+    with torch.no_grad():
+        out = preference_logprobs(m, batch, ld_alpha=0.25)
+    mask = batch.completion_mask[:, 1:]
+    want = []
+    for i in range(6):
+        vals = per_token[i][mask[i].bool()]
+        pair = i % 3
+        shared = min(len(ROWS[pair]["chosen_ids"]), len(ROWS[pair]["rejected_ids"]))
+        want.append(vals[:shared].sum() + 0.25 * vals[shared:].sum())
+    want = torch.stack(want)
+    assert torch.allclose(torch.cat([out.chosen_logps, out.rejected_logps]), want, atol=1e-5)
+
+
+def test_wpo_weights_against_naive(tiny_model_dir):
+    m = model(tiny_model_dir)
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    per_token, logp = naive(m, batch)
+    lssp = torch.logsumexp(2 * logp[:, :-1], dim=-1)
+    want = wpo_weights(per_token, lssp, batch.completion_mask[:, 1:])
+    with torch.no_grad():
+        out = preference_logprobs(m, batch, use_weighting=True)
+    assert torch.allclose(torch.cat([out.chosen_weights, out.rejected_weights]), want, atol=1e-5)
+
+
+def test_peft_lora_model_gives_gradients_only_to_the_adapter(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    out = preference_logprobs(m, batch)
+    out.chosen_logps.sum().backward()
+    grads = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert grads and all("lora" in n for n in grads)

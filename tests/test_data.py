@@ -1,0 +1,151 @@
+"""Data: the three preference formats, readers, bad rows named by file/row/field, Ray Data."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayalign.data import (DataError, TokenizeSettings, extract_prompt, load_preference_dataset,
+                           normalize_preference_row, read_rows, tokenize_preference_row, validate_file)
+from rayalign.models.loading import load_tokenizer
+
+SETTINGS = TokenizeSettings(max_length=64)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tokenize(row, tok, settings=SETTINGS):
+    return tokenize_preference_row(normalize_preference_row(row, "t", 0), tok, settings)
+
+
+def test_standard_row_gets_eos_and_splits_at_the_prompt(tok):
+    out = tokenize({"prompt": "Reverse: a b ->", "chosen": " b a", "rejected": " a b"}, tok)
+    assert out["chosen_ids"][-1] == tok.eos_token_id and out["rejected_ids"][-1] == tok.eos_token_id
+    assert tok.decode(out["prompt_ids"]) == "Reverse: a b ->"
+    assert tok.decode(out["chosen_ids"], skip_special_tokens=True) == " b a"
+
+
+def test_conversational_prompt_gets_generation_prompt(tok):
+    row = {"prompt": [{"role": "user", "content": "Reverse: a b ->"}],
+           "chosen": [{"role": "assistant", "content": "b a"}],
+           "rejected": [{"role": "assistant", "content": "a b"}]}
+    out = tokenize(row, tok)
+    assert tok.decode(out["prompt_ids"]).endswith("<|assistant|>\n")
+    assert tok.decode(out["chosen_ids"]).startswith("b a</s>")
+
+
+def test_implicit_prompt_is_extracted_like_trl(tok):
+    from trl.data_utils import extract_prompt as trl_extract
+
+    row = {"chosen": "\n\nHuman: Reverse: a b ->\n\nAssistant: b a",
+           "rejected": "\n\nHuman: Reverse: a b ->\n\nAssistant: a b"}
+    ours = extract_prompt(row["chosen"], row["rejected"])
+    theirs = trl_extract(dict(row))
+    assert ours == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+    assert tokenize(row, tok)["chosen_ids"][-1] == tok.eos_token_id
+
+
+def test_demo_files_in_all_formats_tokenize(tok, demo_data_dir):
+    for name in ("pref_train.jsonl", "pref_train_conversational.jsonl", "pref_train_implicit.jsonl"):
+        table, info = validate_file(f"{demo_data_dir}/{name}", tok, SETTINGS)
+        assert info.num_dropped == 0 and table.num_rows == info.num_rows > 0
+
+
+def test_max_prompt_and_completion_length_extras(tok):
+    row = {"prompt": "Reverse: a b c d e f g h ->", "chosen": " h g f e d c b a", "rejected": " a b c d e f g h"}
+    full = tokenize(row, tok)
+    cut = tokenize(row, tok, TokenizeSettings(max_length=64, max_prompt_length=4, max_completion_length=3,
+                                              truncation_mode="keep_end"))
+    assert cut["prompt_ids"] == full["prompt_ids"][-4:]
+    assert cut["chosen_ids"] == full["chosen_ids"][:3]
+
+
+BAD_ROWS = [
+    ({"prompt": "p", "rejected": " x"}, "chosen", "missing"),
+    ({"prompt": "p", "chosen": " x"}, "rejected", "missing"),
+    ({"prompt": 3, "chosen": " x", "rejected": " y"}, "prompt", "expected a string"),
+    ({"prompt": "p", "chosen": ["x"], "rejected": " y"}, "chosen", "expected a string"),
+    ({"prompt": "p", "chosen": "   ", "rejected": " y"}, "chosen", "empty completion"),
+    ({"prompt": "p", "chosen": " same", "rejected": " same"}, "rejected", "identical"),
+    ({"prompt": "Reverse: " + "a " * 80, "chosen": " x", "rejected": " y"}, "prompt", "no room"),
+    ({"prompt": "p", "chosen": " x", "rejected": " y", "margin": "big"}, "margin", "number"),
+]
+
+
+@pytest.mark.parametrize("bad, field, why", BAD_ROWS, ids=[f"{f}-{w}" for _, f, w in BAD_ROWS])
+def test_bad_rows_name_file_row_and_field(tmp_path, tok, bad, field, why):
+    good = {"prompt": "Reverse: a b ->", "chosen": " b a", "rejected": " a b"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, good, bad, good])
+    with pytest.raises(DataError) as err:
+        validate_file(path, tok, SETTINGS)
+    msg = str(err.value)
+    assert "bad.jsonl" in msg and "row 2" in msg and repr(field) in msg and why in msg, msg
+    table, info = validate_file(path, tok, SETTINGS, drop_bad_rows=True)
+    assert info.num_dropped == 1 and table.num_rows == 3
+    assert table["row_index"].to_pylist() == [0, 1, 3]
+
+
+def test_missing_file_and_unknown_format(tmp_path, tok):
+    with pytest.raises(DataError, match="train_dataset: file not found"):
+        validate_file(str(tmp_path / "nope.jsonl"), tok, SETTINGS)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unknown format"):
+        read_rows(str(tmp_path / "x.csv"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{oops\n')
+    with pytest.raises(DataError, match="row 1"):
+        read_rows(str(tmp_path / "broken.jsonl"))
+
+
+def test_conversational_data_needs_a_chat_template(tmp_path, tok):
+    import copy
+
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(DataError, match="chat template"):
+        validate_file(write_jsonl(tmp_path / "c.jsonl", [row]), plain, SETTINGS)
+
+
+def test_jsonl_parquet_and_save_to_disk_read_the_same(tmp_path, tok, demo_data_dir):
+    import datasets
+
+    rows = read_rows(f"{demo_data_dir}/pref_eval.jsonl")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "disk"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    want = validate_file(f"{demo_data_dir}/pref_eval.jsonl", tok, SETTINGS)[0]
+    for path in (str(tmp_path / "d.parquet"), str(tmp_path / "disk"), str(tmp_path / "dd") + ":test"):
+        assert validate_file(path, tok, SETTINGS)[0].equals(want), path
+    with pytest.raises(DataError, match="name one as"):
+        read_rows(str(tmp_path / "dd"))
+
+
+def test_ray_data_stage_equals_the_pure_function(ray_local, tiny_model_dir, demo_data_dir, tok):
+    path = f"{demo_data_dir}/pref_train_conversational.jsonl"
+    want = validate_file(path, tok, SETTINGS)[0].to_pylist()[:300]
+    ds, info = load_preference_dataset(path, tiny_model_dir, SETTINGS)
+    got = sorted(ds.take_all(), key=lambda r: r["row_index"])[:300]
+    for a, b in zip(got, want):
+        assert a["row_index"] == b["row_index"]
+        for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert list(a[k]) == b[k]
+    shards = ds.streaming_split(2, equal=True)
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def consume(shard):
+        return [int(i) for b in shard.iter_batches(batch_size=64, batch_format="numpy") for i in b["row_index"]]
+
+    seen = ray.get([consume.remote(s) for s in shards])
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1])
+    assert len(seen[0]) + len(seen[1]) >= info.num_rows - 1

@@ -105,9 +105,11 @@ class PolicyLearner(DistributedWorker):
         model.config.use_cache = False
         optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-        scheduler = build_scheduler(optimizer, cfg, num_training_steps)
+        # A callable: DeepSpeed hands it the optimizer it actually steps (ZeRO rewrites the
+        # param groups), so the schedule binds to the right groups.
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            model=model, optimizer=optimizer,
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg, num_training_steps),
             config=deepspeed_config(cfg, self.world_size), dist_init_required=False)
         self.engine.train()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -42,6 +42,7 @@ def train(cfg: TrainConfig) -> dict:
     data = common.prepare_data(cfg, kind)  # validates paths and rows before any actor starts
     ensure_ray(cfg.ray.address, common.local_num_cpus(cfg), cfg.ray.namespace)
     train_ds, eval_batches = data.build(cfg)
+    cache_status = ("hit" if data.cache_hit else "miss") if data._cache_dir else None
     steps_per_epoch = common.steps_per_epoch(data.num_train_rows, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
@@ -128,7 +129,8 @@ def train(cfg: TrainConfig) -> dict:
         train_logs = [h for h in state["log_history"] if "loss" in h]
         last_train = train_logs[-1] if train_logs else {}
         return {"metrics": {**last_train, **final_eval, **throughput}, "model_dir": model_dir,
-                "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}", "total_steps": total_steps}
+                "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}", "total_steps": total_steps,
+                "reference_cache": cache_status}
     finally:
         learners.shutdown()
         if references is not None:

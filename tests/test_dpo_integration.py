@@ -1,0 +1,177 @@
+"""Offline DPO end to end on a real local Ray: DeepSpeed learners (ZeRO-2, gloo), every
+reference mode, resume, reload, LoRA, data-parallel invariance and the reference cache."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rayalign
+from rayalign.batch import PreferenceBatch
+from rayalign.data import TokenizeSettings, validate_file
+from rayalign.models.loading import load_tokenizer
+from rayalign.models.logprobs import preference_logprobs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_data(demo_data_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo-data")
+    lines = Path(demo_data_dir, "pref_train.jsonl").read_text().splitlines()
+    (d / "train.jsonl").write_text("\n".join(lines[:320]) + "\n")
+    (d / "eval.jsonl").write_text("\n".join(Path(demo_data_dir, "pref_eval.jsonl").read_text().splitlines()[:32]) + "\n")
+    (d / "eight.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    return d
+
+
+def base(tiny_model_dir, small_data, out, **over):
+    cfg = {
+        "model_name_or_path": tiny_model_dir, "train_dataset": str(small_data / "train.jsonl"),
+        "eval_dataset": str(small_data / "eval.jsonl"), "output_dir": str(out), "max_steps": 30,
+        "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "learning_rate": 2e-3,
+        "lr_scheduler_type": "constant", "logging_steps": 5, "eval_steps": 15, "save_steps": 15,
+        "max_length": 64, "seed": 3, "logging": {"progress_bar": False},
+        "learner": {"num_actors": 2, "num_cpus_per_actor": 0.5, "zero_stage": 2},
+        "reference": {"mode": "precompute", "num_actors": 1, "num_cpus_per_actor": 0.5,
+                      "cache_dir": str(out.parent / "ref-cache")},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def metrics(out):
+    return [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(out):
+    return [m for m in metrics(out) if "loss" in m and "eval_loss" not in m]
+
+
+def assert_learned(out):
+    rows = train_rows(out)
+    assert rows[-1]["rewards/accuracies"] > 0.7, rows[-1]
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"] + 0.05
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "learning_rate",
+                "grad_norm", "epoch"):
+        assert key in rows[-1], key
+
+
+@pytest.fixture(scope="module")
+def precompute_run(ray_local, tiny_model_dir, small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("precompute") / "run"
+    result = rayalign.train_dpo(base(tiny_model_dir, small_data, out))
+    return out, result
+
+
+def test_precompute_mode_learns_and_writes_everything(precompute_run):
+    out, result = precompute_run
+    assert result["reference_cache"] == "miss"
+    assert_learned(out)
+    assert any("eval_rewards/accuracies" in m for m in metrics(out))
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "metrics.png"):
+        assert (out / name).exists(), name
+    assert list((out / "runs").glob("events.*"))
+    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-15", "checkpoint-30"]
+    assert (out / "checkpoint-15" / "rayalign_complete.json").exists()
+    assert "eval_loss" in (out / "README.md").read_text()
+    assert not list(out.rglob("*.pkl")) and not list(out.rglob("*.bin"))
+
+
+def test_saved_model_reproduces_the_learners_numbers(precompute_run, tiny_model_dir, small_data):
+    """The reloaded final model gives the eval log-probs the learners reported."""
+    from transformers import AutoModelForCausalLM
+
+    out, result = precompute_run
+    tok = load_tokenizer(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    table, _ = validate_file(str(small_data / "eval.jsonl"), tok, TokenizeSettings(max_length=64))
+    batch = PreferenceBatch.from_rows(table.to_pylist(), tok.pad_token_id, max_length=64)
+    with torch.no_grad():
+        lp = preference_logprobs(model, batch)
+    assert lp.chosen_logps.mean().item() == pytest.approx(result["metrics"]["eval_logps/chosen"], abs=1e-3)
+    assert lp.rejected_logps.mean().item() == pytest.approx(result["metrics"]["eval_logps/rejected"], abs=1e-3)
+
+
+def test_resume_reproduces_the_uninterrupted_losses_and_hits_the_cache(precompute_run, tiny_model_dir,
+                                                                         small_data, tmp_path):
+    out, _ = precompute_run
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(out / "checkpoint-15", resumed / "checkpoint-15")
+    lines = [m for m in metrics(out) if m["step"] <= 15]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    cfg = base(tiny_model_dir, small_data, resumed, resume_from_checkpoint="latest")
+    cfg["reference"]["cache_dir"] = str(out.parent / "ref-cache")
+    result = rayalign.train_dpo(cfg)
+    assert result["reference_cache"] == "hit"
+    want = {m["step"]: m["loss"] for m in train_rows(out) if m["step"] > 15}
+    got = {m["step"]: m["loss"] for m in train_rows(resumed) if m["step"] > 15}
+    assert got.keys() == want.keys() and len(got) == 3
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+
+
+def test_reference_actor_mode_learns(ray_local, tiny_model_dir, small_data, tmp_path):
+    out = tmp_path / "actor"
+    rayalign.train_dpo(base(tiny_model_dir, small_data, out, save_steps=None, eval_steps=None,
+                            reference={"mode": "actor"}))
+    assert_learned(out)
+
+
+def test_implicit_lora_reference_saves_only_the_adapter(ray_local, tiny_model_dir, small_data, tmp_path):
+    out = tmp_path / "lora"
+    rayalign.train_dpo(base(tiny_model_dir, small_data, out, learning_rate=1e-2, save_steps=None, eval_steps=None,
+                            lora={"enabled": True, "r": 8, "alpha": 16},
+                            reference={"mode": "implicit"}))
+    rows = train_rows(out)
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert not (out / "model.safetensors").exists()
+    assert all("lora" in k for k in load_file(str(out / "adapter_model.safetensors")))
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(str(out))
+
+
+def test_two_learners_equal_one_learner_on_the_union_batch(ray_local, tiny_model_dir, small_data, tmp_path):
+    """2 learners x 4 pairs and 1 learner x 8 pairs take the same first step."""
+    common = {"train_dataset": str(small_data / "eight.jsonl"), "eval_dataset": None, "max_steps": 1,
+              "save_steps": None, "eval_steps": None, "logging_steps": 1, "adam_epsilon": 1.0,
+              "learning_rate": 1e-2}
+    one = rayalign.train_dpo(base(tiny_model_dir, small_data, tmp_path / "one", per_device_train_batch_size=8,
+                                  learner={"num_actors": 1}, reference={"mode": "actor"}, **common))
+    two = rayalign.train_dpo(base(tiny_model_dir, small_data, tmp_path / "two", per_device_train_batch_size=4,
+                                  reference={"mode": "actor"}, **common))
+    assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+    assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-4)
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    moved = max((a[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-4  # the step did something
+    assert max((a[k] - b[k]).abs().max().item() for k in start) < 1e-3 * moved + 1e-7
+
+
+def test_bad_input_fails_before_any_actor_starts(ray_local, tiny_model_dir, small_data, tmp_path):
+    from rayalign.config import ConfigError
+    from rayalign.data import DataError
+
+    out = tmp_path / "bad"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": " a", "rejected": " a"}\n')
+    with pytest.raises(DataError, match="bad.jsonl row 0"):
+        rayalign.train_dpo(base(tiny_model_dir, small_data, out, train_dataset=str(bad)))
+    with pytest.raises(ConfigError, match="beta"):
+        rayalign.train_dpo(base(tiny_model_dir, small_data, out, beta=0.0))
+    assert not out.exists() or not any(out.iterdir())

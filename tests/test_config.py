@@ -50,6 +50,7 @@ def test_precompute_flag_maps_onto_reference_mode():
     (["--bogus_field", "1"], "bogus_field"),
     (["--learner.bogus", "1"], "learner.bogus"),
     (["--beta", "abc"], "beta"),
+    (["--learning_rate", "fast"], "learning_rate"),
     (["--max_steps", "1.5"], "max_steps"),
     (["--bf16", "maybe"], "bf16"),
     (["--sync_ref_model", "true", "--reference.mode", "precompute"], "sync_ref_model"),
@@ -87,3 +88,8 @@ def test_every_job_yaml_loads(path):
         pytest.skip(f"{path.name}: not an offline job config")
     cfg = load_config(CLASSES[kind], path)
     assert cfg.output_dir
+
+
+def test_exponent_without_dot_is_a_number():
+    cfg = load_config(DPOConfig, None, BASE + ["--learning_rate", "5e-4"])
+    assert cfg.learning_rate == 5e-4

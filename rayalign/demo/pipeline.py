@@ -83,10 +83,10 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     dpo_cfg = from_dict(DPOConfig, {
         "model_name_or_path": str(out / "sft"), "train_dataset": str(data / "pref_train.jsonl"),
         "eval_dataset": str(data / "pref_eval.jsonl"), "output_dir": str(out / "dpo"),
-        "max_steps": dpo_steps or 60, "per_device_train_batch_size": 16, "learning_rate": 2e-4,
+        "max_steps": dpo_steps or 120, "per_device_train_batch_size": 16, "learning_rate": 5e-4,
         # RPO (DPO + NLL on chosen) keeps the chosen answers' likelihood from sliding down
         # while the margin grows, which plain sigmoid DPO does on this task.
-        "beta": 0.1, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "logging_steps": 5, "eval_steps": 30, "save_steps": 30,
+        "beta": 0.1, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "logging_steps": 10, "eval_steps": 60, "save_steps": 60,
         "save_total_limit": 2, "max_length": 64, "seed": seed,
         "learner": {"num_actors": num_learners, "num_cpus_per_actor": 1, "zero_stage": 2},
         "reference": {"mode": "precompute", "num_actors": 1, "num_cpus_per_actor": 1},

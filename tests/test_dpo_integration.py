@@ -136,6 +136,7 @@ def test_implicit_lora_reference_saves_only_the_adapter(ray_local, tiny_model_di
                             reference={"mode": "implicit"}))
     rows = train_rows(out)
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+    assert rows[-1]["rewards/accuracies"] > 0.5
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert not (out / "model.safetensors").exists()
     assert all("lora" in k for k in load_file(str(out / "adapter_model.safetensors")))
@@ -175,3 +176,46 @@ def test_bad_input_fails_before_any_actor_starts(ray_local, tiny_model_dir, smal
     with pytest.raises(ConfigError, match="beta"):
         rayalign.train_dpo(base(tiny_model_dir, small_data, out, beta=0.0))
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_zero3_trdpo_generation_and_gradient_checkpointing(ray_local, tiny_model_dir, small_data, tmp_path):
+    """ZeRO-3 learners with gradient checkpointing; TR-DPO mixes the policy into the reference
+    actors (the run departs from an identical run without sync right after the sync step);
+    generate_during_eval logs a policy/reference completion table."""
+
+    def run(name, sync):
+        out = tmp_path / name
+        rayalign.train_dpo(base(
+            tiny_model_dir, small_data, out, max_steps=10, save_steps=None, eval_steps=None, logging_steps=5,
+            sync_ref_model=sync, ref_model_sync_steps=5, ref_model_mixup_alpha=0.5, gradient_checkpointing=True,
+            generate_during_eval=sync, num_generate_prompts=3, max_new_tokens=6,
+            learner={"zero_stage": 3}, reference={"mode": "actor"}))
+        return out
+
+    synced, plain = run("sync", True), run("plain", False)
+    a, b = train_rows(synced), train_rows(plain)
+    assert a[0]["rewards/chosen"] == pytest.approx(b[0]["rewards/chosen"], rel=1e-4, abs=1e-6)  # before the sync
+    # rewards = beta * (policy - reference): with an unchanged reference their difference would
+    # be beta * the policy's difference; it is far larger, so the reference moved at step 5.
+    d_rewards = abs(a[1]["rewards/chosen"] - b[1]["rewards/chosen"])
+    d_policy = abs(a[1]["logps/chosen"] - b[1]["logps/chosen"])
+    assert d_rewards > 2 * 0.1 * d_policy + 1e-4, (d_rewards, d_policy)
+    table = [json.loads(x) for x in (synced / "tables" / "generate_during_eval.jsonl").read_text().splitlines()]
+    assert len(table) == 3 and all(r["prompt"] and isinstance(r["policy"], str) for r in table)
+    assert all(isinstance(r["reference"], str) for r in table)
+    assert (synced / "model.safetensors").exists()
+
+
+def test_sft_job_lowers_the_loss(ray_local, tiny_model_dir, demo_data_dir, tmp_path):
+    out = tmp_path / "sft"
+    result = rayalign.train_sft({
+        "model_name_or_path": tiny_model_dir, "train_dataset": f"{demo_data_dir}/sft_train.jsonl",
+        "eval_dataset": f"{demo_data_dir}/sft_eval.jsonl", "output_dir": str(out), "max_steps": 40,
+        "per_device_train_batch_size": 32, "learning_rate": 3e-3, "logging_steps": 10, "max_length": 64,
+        "logging": {"progress_bar": False}, "learner": {"num_actors": 1, "num_cpus_per_actor": 1}})
+    rows = train_rows(out)
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    assert result["metrics"]["eval_loss"] < rows[0]["loss"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))

@@ -125,3 +125,38 @@ def test_f_divergence_matches_trl(setup):
 
 def test_truncation_matches_trl(setup):
     check(setup, {"loss_type": ["sigmoid"], "max_length": 15}, {"loss_type": "sigmoid", "max_length": 15})
+
+
+@pytest.mark.parametrize("name", ["pref_train.jsonl", "pref_train_conversational.jsonl", "pref_train_implicit.jsonl"])
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_tokenized_rows_equal_trls_prepared_dataset(tiny_model_dir, demo_data_dir, tmp_path, name, truncation_mode):
+    """TRL's own dataset preparation (prompt extraction, eos, chat template, prefix split)
+    and its collator's truncation give the same ids as rayalign's, row for row."""
+    from trl import DPOConfig, DPOTrainer
+
+    tok = load_tokenizer(tiny_model_dir)
+    rows = [json.loads(line) for line in open(f"{demo_data_dir}/{name}")][:24]
+    # cuts some completions while keeping most prompts of each format
+    max_length = {"pref_train.jsonl": 14, "pref_train_conversational.jsonl": 26}.get(name, 40)
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=max_length,
+                     truncation_mode=truncation_mode)
+    trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok)
+    settings = TokenizeSettings(max_length=max_length, truncation_mode=truncation_mode)
+    theirs = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    ours_rows = []
+    for i, r in enumerate(rows):
+        try:
+            ours_rows.append(tokenize_preference_row(normalize_preference_row(r, name, i), tok, settings))
+        except ValueError:  # prompt fills max_length: TRL drops the row silently, we name it
+            pass
+    assert len(ours_rows) == len(theirs) > 0
+    for o, t in zip(ours_rows, theirs):
+        assert (o["prompt_ids"], o["chosen_ids"], o["rejected_ids"]) == (t["prompt_ids"], t["chosen_ids"], t["rejected_ids"])
+    t_batch = trainer.data_collator(theirs)
+    o_batch = PreferenceBatch.from_rows(ours_rows, tok.pad_token_id, max_length=max_length,
+                                        truncation_mode=truncation_mode)
+    width = o_batch.input_ids.shape[1]
+    real = o_batch.attention_mask.bool()
+    assert torch.equal(t_batch["input_ids"][:, :width][real], o_batch.input_ids[real])
+    assert torch.equal(t_batch["completion_mask"][:, :width].long(), o_batch.completion_mask)

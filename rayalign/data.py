@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -326,14 +326,6 @@ def validate_file(path: str, tokenizer, settings: TokenizeSettings, *, kind: str
     return pa.Table.from_pylist(out, schema=_token_schema(kind)), DataInfo(path, len(out), dropped)
 
 
-def validate_preference_file(path, tokenizer, settings, *, drop_bad_rows=False, field="train_dataset"):
-    return validate_file(path, tokenizer, settings, kind="preference", drop_bad_rows=drop_bad_rows, field=field)
-
-
-def validate_sft_file(path, tokenizer, settings, *, drop_bad_rows=False, field="train_dataset"):
-    return validate_file(path, tokenizer, settings, kind="sft", drop_bad_rows=drop_bad_rows, field=field)
-
-
 class TokenizeStage:
     """Ray Data `map_batches` UDF: normalized rows (as JSON text) in, token ids out.
     Loads the tokenizer once per worker."""
@@ -413,10 +405,3 @@ def load_prompts(path: str, field: str = "prompts") -> list:
             raise _bad(path, i, "prompt", "expected a non-empty string or a list of messages")
         prompts.append(prompt)
     return prompts
-
-
-def iter_rows(batches: Iterable[dict]) -> Iterable[dict]:
-    for batch in batches:
-        keys = list(batch)
-        for i in range(len(batch[keys[0]])):
-            yield {k: batch[k][i] for k in keys}

@@ -131,9 +131,8 @@ def _discopop(t: PairTerms) -> torch.Tensor:
 
 def _sft(t: PairTerms) -> torch.Tensor:
     # Batch-level mean NLL of all chosen tokens, the same value for every pair.
-    n_c, _ = _lengths(t, "sft")
+    _lengths(t, "sft")  # raises a clear error when the token counts are missing
     value = -t.policy_chosen_logps.sum() / t.chosen_lengths.to(t.policy_chosen_logps.dtype).sum().clamp(min=1.0)
-    del n_c
     return value.expand(t.policy_chosen_logps.shape[0]).clone()
 
 

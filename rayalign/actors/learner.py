@@ -225,21 +225,6 @@ class PolicyLearner(DistributedWorker):
             return batch.with_reference(ref_c, ref_r)
         raise RuntimeError(f"reference.mode={mode}: batch arrived without ref_*_logps columns")
 
-    @torch.no_grad()
-    def logprobs(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The policy's summed log-probs (used by tests and generate/eval tools)."""
-        self.engine.eval()
-        out = objectives.reference_logprobs(self.engine, batch, self.cfg)
-        self.engine.train()
-        return out
-
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self.engine.eval()
-        out = self.engine(input_ids=input_ids).logits.float().cpu()
-        self.engine.train()
-        return out
-
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int) -> dict[str, list[str]]:
         """Greedy completions of the policy (and, for a LoRA policy, of the adapter-off
         reference). Every rank runs it: under ZeRO-3 each forward gathers parameters."""

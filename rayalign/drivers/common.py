@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -33,11 +34,7 @@ def local_num_cpus(cfg: TrainConfig) -> int | None:
     need = cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
     if isinstance(cfg, DPOConfig) and cfg.reference_mode in ("actor", "precompute"):
         need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
-    return int(max(os.cpu_count() or 1, math_ceil(need) + 2))
-
-
-def math_ceil(x: float) -> int:
-    return int(-(-x // 1))
+    return int(max(os.cpu_count() or 1, math.ceil(need) + 2))
 
 
 def steps_per_epoch(num_rows: int, cfg: TrainConfig) -> int:
@@ -114,6 +111,10 @@ class PreparedData:
         return for_epoch
 
     # -- precomputed reference log-probs ------------------------------------------------
+
+    @property
+    def uses_cache(self) -> bool:
+        return self._cache_dir is not None
 
     @property
     def cache_hit(self) -> bool:

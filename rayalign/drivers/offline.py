@@ -42,7 +42,7 @@ def train(cfg: TrainConfig) -> dict:
     data = common.prepare_data(cfg, kind)  # validates paths and rows before any actor starts
     ensure_ray(cfg.ray.address, common.local_num_cpus(cfg), cfg.ray.namespace)
     train_ds, eval_batches = data.build(cfg)
-    cache_status = ("hit" if data.cache_hit else "miss") if data._cache_dir else None
+    cache_status = ("hit" if data.cache_hit else "miss") if data.uses_cache else None
     steps_per_epoch = common.steps_per_epoch(data.num_train_rows, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
@@ -135,15 +135,3 @@ def train(cfg: TrainConfig) -> dict:
         learners.shutdown()
         if references is not None:
             references.shutdown()
-
-
-def train_dpo(cfg: DPOConfig) -> dict:
-    return train(cfg)
-
-
-def train_sft(cfg) -> dict:
-    return train(cfg)
-
-
-def train_reward(cfg: RewardConfig) -> dict:
-    return train(cfg)

@@ -5,7 +5,7 @@
     rayalign sft    --config jobs/sft-tiny.yaml --max_steps 50
     rayalign dpo    --config jobs/dpo-tiny.yaml --learner.num_actors 2 --reference.mode precompute
     rayalign reward --config jobs/reward-tiny.yaml
-    rayalign demo   --output_dir outputs/demo     # tiny model -> SFT -> DPO, with correctness
+    rayalign demo   --output_dir outputs/demo     # tiny model -> SFT -> reward -> DPO, with correctness
 """
 
 from __future__ import annotations
@@ -63,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--output_dir", default="outputs/demo")
             parser.add_argument("--sft_steps", type=int, default=None)
             parser.add_argument("--dpo_steps", type=int, default=None)
+            parser.add_argument("--reward_steps", type=int, default=None)
             parser.add_argument("--num_learners", type=int, default=2)
             a = parser.parse_args(rest)
             from rayalign.demo.pipeline import run_demo
 
-            run_demo(a.output_dir, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps,
+            run_demo(a.output_dir, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps, reward_steps=a.reward_steps,
                      num_learners=a.num_learners)
         return 0
     except ConfigError as exc:

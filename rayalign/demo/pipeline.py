@@ -1,11 +1,11 @@
-"""The embedded default, end to end on a local Ray: tiny model -> SFT -> DPO.
+"""The embedded default, end to end on a local Ray: tiny model -> SFT -> reward model -> DPO.
 
     rayalign demo --output_dir outputs/demo          (what `make demo` runs)
 
-Builds the tiny model and the demo data, fine-tunes with SFT, then runs offline DPO from the
-SFT model, and prints the task's correctness (greedy answers checked by the program)
+Builds the tiny model and the demo data, fine-tunes with SFT, trains a Bradley–Terry reward
+model from the SFT model, then runs offline DPO from the SFT model, and prints the task's correctness (greedy answers checked by the program)
 before and after DPO, with the final eval metrics. Everything lands in `output_dir`:
-`tiny-model/`, `data/`, `sft/`, `dpo/` (checkpoints, metrics.jsonl, TensorBoard, PNG plots)
+`tiny-model/`, `data/`, `sft/`, `reward/`, `dpo/` (checkpoints, metrics.jsonl, TensorBoard, PNG plots)
 and `summary.json`.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ray
 
-from rayalign.config import DPOConfig, SFTConfig, from_dict
+from rayalign.config import DPOConfig, RewardConfig, SFTConfig, from_dict
 
 
 @ray.remote(num_cpus=1)
@@ -47,7 +47,7 @@ def measure_correctness(model_dir: str, prompts_file: str, max_new_tokens: int =
 
 
 def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, dpo_steps: int | None = None,
-             num_learners: int = 2, seed: int = 0) -> dict:
+             reward_steps: int | None = None, num_learners: int = 2, seed: int = 0) -> dict:
     """Run the whole embedded pipeline; returns (and writes) the summary."""
     from rayalign.actors.group import ensure_ray
     from rayalign.demo.task import write_demo_data
@@ -80,6 +80,18 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     before = correctness(out / "sft")
     print(f"\n== correctness after SFT: {before['correctness']:.3f} on {before['num_prompts']} eval prompts")
 
+    reward_cfg = from_dict(RewardConfig, {
+        "model_name_or_path": str(out / "sft"), "train_dataset": str(data / "pref_train.jsonl"),
+        "eval_dataset": str(data / "pref_eval.jsonl"), "output_dir": str(out / "reward"),
+        "max_steps": reward_steps or 300, "per_device_train_batch_size": 16, "learning_rate": 1e-3,
+        "lr_scheduler_type": "cosine", "logging_steps": 25, "eval_steps": 100, "max_length": 64, "seed": seed,
+        "save_total_limit": 1, "learner": {"num_actors": num_learners, "num_cpus_per_actor": 1, "zero_stage": 2},
+    })
+    t0 = time.time()
+    reward = train(reward_cfg)
+    timings["reward_s"] = time.time() - t0
+    print(f"\n== reward model eval accuracy: {reward['metrics']['eval_accuracy']:.3f}")
+
     dpo_cfg = from_dict(DPOConfig, {
         "model_name_or_path": str(out / "sft"), "train_dataset": str(data / "pref_train.jsonl"),
         "eval_dataset": str(data / "pref_eval.jsonl"), "output_dir": str(out / "dpo"),
@@ -101,10 +113,11 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
         "correctness": {"sft": before["correctness"], "dpo": after["correctness"]},
         "num_eval_prompts": after["num_prompts"],
         "sft_final": {k: v for k, v in sft["metrics"].items() if k.startswith("eval_") or k == "loss"},
+        "reward_final": {k: v for k, v in reward["metrics"].items() if k.startswith("eval_")},
         "dpo_final": {k: v for k, v in dpo["metrics"].items()
                       if k.startswith(("eval_", "rewards/")) or k in ("loss", "train_samples_per_second")},
         "examples_after_dpo": after["examples"], "timings": timings,
-        "models": {"sft": str(out / "sft"), "dpo": str(out / "dpo")},
+        "models": {"sft": str(out / "sft"), "reward": str(out / "reward"), "dpo": str(out / "dpo")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n== rayalign demo (reverse the letters)")
@@ -112,6 +125,8 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     for k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
         if k in dpo["metrics"]:
             print(f"   DPO {k:<24} {dpo['metrics'][k]:.4f}")
-    print(f"   time: SFT {timings['sft_s']:.0f}s, DPO {timings['dpo_s']:.0f}s, total {timings['total_s']:.0f}s")
+    print(f"   reward model eval accuracy {reward['metrics']['eval_accuracy']:.3f}")
+    print(f"   time: SFT {timings['sft_s']:.0f}s, reward {timings['reward_s']:.0f}s, DPO {timings['dpo_s']:.0f}s, "
+          f"total {timings['total_s']:.0f}s")
     print(f"   outputs: {out}/ (summary.json, sft/, dpo/ with metrics.jsonl and metrics.png)")
     return summary

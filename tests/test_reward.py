@@ -91,3 +91,26 @@ def test_reward_job_learns_and_reloads(ray_local, sft_model, demo_data_dir, tmp_
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
     assert accuracy == pytest.approx(result["metrics"]["eval_accuracy"], abs=1e-6)
     assert sum(chosen + rejected) / (2 * len(rows)) == pytest.approx(result["metrics"]["eval_mean_reward"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_lora_reward_model_saves_adapter_and_score_head(ray_local, tiny_model_dir, demo_data_dir, tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rm-lora"
+    rayalign.train_reward({
+        "model_name_or_path": tiny_model_dir, "train_dataset": f"{demo_data_dir}/pref_eval.jsonl",
+        "output_dir": str(out), "max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+        "logging_steps": 5, "max_length": 64, "logging": {"progress_bar": False},
+        "lora": {"enabled": True, "r": 4, "alpha": 8}, "learner": {"num_actors": 1, "num_cpus_per_actor": 1}})
+    keys = list(load_file(str(out / "adapter_model.safetensors")))
+    assert any("score" in k for k in keys) and any("lora" in k for k in keys)
+    assert not (out / "model.safetensors").exists()
+
+    def saved_head(seed):  # a head re-initialised at load would differ between seeds
+        torch.manual_seed(seed)
+        model = AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=1)
+        return next(v for k, v in model.named_parameters() if "score" in k and "modules_to_save" in k).detach()
+
+    assert torch.equal(saved_head(1), saved_head(2))

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 
 def _config(cls, config, overrides=None):
-    from rayalign.config import from_dict, load_config
+    from rayalign.config import load_config
 
     if isinstance(config, cls):
         return config

@@ -130,7 +130,7 @@ class ActorGroup:
                 num_cpus=spec.num_cpus_per_actor,
                 num_gpus=spec.num_gpus_per_actor,
                 max_restarts=max_restarts,
-                max_concurrency=2,  # lets a status/abort call through while a step runs
+                max_concurrency=2,  # several learners may query one reference actor at once
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env},

@@ -219,3 +219,15 @@ def test_sft_job_lowers_the_loss(ray_local, tiny_model_dir, demo_data_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_reference_free_runs_without_any_reference(ray_local, tiny_model_dir, small_data, tmp_path):
+    out = tmp_path / "free"
+    result = rayalign.train_dpo(base(tiny_model_dir, small_data, out, max_steps=20, save_steps=None,
+                                     eval_steps=5, reference_free=True))
+    assert result["reference_cache"] is None  # no precompute stage, no reference actors
+    rows = train_rows(out)
+    # with the reference at 0, rewards are beta * the policy's own log-probs
+    assert rows[-1]["rewards/chosen"] == pytest.approx(0.1 * rows[-1]["logps/chosen"], rel=1e-5)
+    evals = [m for m in metrics(out) if "eval_loss" in m]
+    assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # same eval pairs, lower loss

@@ -1,6 +1,6 @@
 """rayalign vs TRL 1.16 DPOTrainer: same tiny model, data, batch size and steps, one run.
 
-    .venv/bin/python benchmarks/bench_dpo.py --steps 200 --batch 8
+    cd benchmarks && ../.venv/bin/python bench_dpo.py --steps 200 --batch 8
 
 Prints samples/s of TRL (live reference, and precompute_ref_log_probs) and of rayalign with
 one learner (reference actor = live, and reference.mode=precompute), plus the machine's
@@ -9,14 +9,14 @@ matmul throughput measured in the same run. Results go to benchmarks/RESULTS.md 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 
 import torch
+
+from common import setup
 
 
 def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
@@ -58,17 +58,7 @@ def run_rayalign(model_dir, data, out, steps, batch, mode) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=8)
-    a = p.parse_args()
-    torch.set_num_threads(2)
-    from rayalign.demo.task import write_demo_data
-    from rayalign.models.tiny import build_tiny_model
-
-    tmp = tempfile.mkdtemp(prefix="bench-dpo-")
-    model_dir = str(build_tiny_model(f"{tmp}/model"))
-    data = str(write_demo_data(f"{tmp}/data") / "pref_train.jsonl")
+    a, tmp, model_dir, data = setup("bench-dpo-")
     gflops = matmul_gflops()
     res = {
         "trl_live": run_trl(model_dir, data, f"{tmp}/trl-live", a.steps, a.batch, False),

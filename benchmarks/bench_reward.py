@@ -1,17 +1,16 @@
 """rayalign vs TRL 1.16 RewardTrainer: same tiny model, data, batch and steps, one run.
 
-    .venv/bin/python benchmarks/bench_reward.py --steps 200 --batch 8
+    cd benchmarks && ../.venv/bin/python bench_reward.py --steps 200 --batch 8
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import tempfile
 
-import torch
+
+from common import setup
 
 
 def run_trl(model_dir, data, out, steps, batch) -> float:
@@ -42,17 +41,7 @@ def run_rayalign(model_dir, data, out, steps, batch) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=8)
-    a = p.parse_args()
-    torch.set_num_threads(2)
-    from rayalign.demo.task import write_demo_data
-    from rayalign.models.tiny import build_tiny_model
-
-    tmp = tempfile.mkdtemp(prefix="bench-reward-")
-    model_dir = str(build_tiny_model(f"{tmp}/model"))
-    data = str(write_demo_data(f"{tmp}/data") / "pref_train.jsonl")
+    a, tmp, model_dir, data = setup("bench-reward-")
     trl = run_trl(model_dir, data, f"{tmp}/trl", a.steps, a.batch)
     ours = run_rayalign(model_dir, data, f"{tmp}/ours", a.steps, a.batch)
     print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "steps": a.steps,

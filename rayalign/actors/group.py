@@ -79,13 +79,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
            "TOKENIZERS_PARALLELISM": "false"}
     try:
         if address:
-            ray.init(address=address, namespace=namespace, runtime_env={"env_vars": env},
-                     configure_logging=False)
+            # No runtime_env here: inside `ray job submit` the job's own runtime env applies,
+            # and Ray refuses a driver env that repeats its keys.
+            ray.init(address=address, namespace=namespace, configure_logging=False)
         else:
             ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
                      runtime_env={"env_vars": env}, configure_logging=False)
     except ConnectionError as exc:
         raise ClusterError(f"ray.address: cannot connect to Ray at {address!r}: {exc}") from exc
+    except ray.exceptions.AuthenticationError as exc:
+        raise ClusterError(
+            f"ray.address: the Ray cluster at {address!r} uses token authentication: run with "
+            "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN or "
+            f"RAY_AUTH_TOKEN_PATH (see cluster/local/README.md): {exc}") from exc
     quiet_ray_data()
 
 

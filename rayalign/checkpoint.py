@@ -31,6 +31,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
+from rayalign import storage
+
 logger = logging.getLogger("rayalign")
 
 MARKER = "rayalign_complete.json"
@@ -43,10 +45,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or damaged; the message names it."""
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
+_fs = storage.resolve
 
 
 def _is_local(fs: pafs.FileSystem) -> bool:
@@ -96,7 +95,7 @@ def commit_checkpoint(local_dir: str, output_dir: str, name: str, *, step: int,
         pafs.copy_files(os.path.join(local_dir, rel), dest, destination_filesystem=fs)
     with fs.open_output_stream(_join(final, MARKER)) as f:
         f.write(json.dumps(marker).encode())
-    return f"{output_dir.split('://')[0]}://{final}"
+    return storage.join(output_dir, name)
 
 
 def verify_checkpoint(path: str) -> dict:
@@ -200,6 +199,8 @@ def download_checkpoint(path: str, local_root: str) -> str:
         return p
     dest = os.path.join(local_root, f".download-{os.path.basename(p.rstrip('/'))}")
     shutil.rmtree(dest, ignore_errors=True)
+    verify_checkpoint(path)  # complete and undamaged before anything is copied
+    os.makedirs(dest)
     pafs.copy_files(p, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
 

@@ -9,16 +9,15 @@ written last, so a half-written cache is never read.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from rayalign import storage
 from rayalign.config import DPOConfig
 
 MARKER = "complete.json"
@@ -64,24 +63,40 @@ def cache_key(cfg: DPOConfig, data_path: str) -> str:
 
 
 def cache_root(cfg: DPOConfig) -> str:
+    """`reference.cache_dir`, or `.rayalign_ref_cache` next to the output dir (a path or a
+    URI: the cache lives on the same storage as the run, visible from every node)."""
     if cfg.reference.cache_dir:
         return cfg.reference.cache_dir
-    return os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), ".rayalign_ref_cache")
+    return storage.join(storage.parent(cfg.output_dir), ".rayalign_ref_cache")
+
+
+def cache_dir(cfg: DPOConfig, data_path: str) -> str:
+    return storage.join(cache_root(cfg), cache_key(cfg, data_path))
+
+
+def _read_table(path: str, columns=None):
+    import pyarrow.parquet as pq
+
+    fs, p = storage.resolve(path)
+    return pq.read_table(p, filesystem=fs, columns=columns)
+
+
+def _parts(cache_dir: str) -> list[str]:
+    parts_dir = storage.join(cache_dir, "parts")
+    return [storage.join(parts_dir, n) for n in storage.listdir(parts_dir) if n.endswith(".parquet")]
 
 
 def load_cached(cache_dir: str, num_rows: int, row_index: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(chosen, rejected) arrays indexed by row_index, or None if absent/incomplete.
     `row_index`: the rows that must be present (default 0..num_rows-1)."""
-    import pyarrow.parquet as pq
-
-    marker = os.path.join(cache_dir, MARKER)
-    if not os.path.exists(marker):
+    marker = storage.join(cache_dir, MARKER)
+    if not storage.exists(marker):
         return None
-    meta = json.loads(Path(marker).read_text())
+    meta = json.loads(storage.read_text(marker))
     if meta.get("num_rows") != num_rows:
         return None
-    table = pq.read_table(os.path.join(cache_dir, TABLE))
+    table = _read_table(storage.join(cache_dir, TABLE))
     idx = table["row_index"].to_numpy()
     size = int(max(idx.max(), -1 if row_index is None else row_index.max())) + 1
     chosen = np.full(size, np.nan, dtype=np.float32)
@@ -96,11 +111,9 @@ def load_cached(cache_dir: str, num_rows: int, row_index: np.ndarray | None = No
 
 def scored_rows(cache_dir: str) -> set[int]:
     """Row indices already scored in partial parts (written by the streaming stage)."""
-    import pyarrow.parquet as pq
-
     rows: set[int] = set()
-    for part in glob.glob(os.path.join(cache_dir, "parts", "*.parquet")):
-        rows.update(int(i) for i in pq.read_table(part, columns=["row_index"])["row_index"].to_numpy())
+    for part in _parts(cache_dir):
+        rows.update(int(i) for i in _read_table(part, columns=["row_index"])["row_index"].to_numpy())
     return rows
 
 
@@ -109,20 +122,18 @@ def finalize(cache_dir: str, num_rows: int) -> bool:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = sorted(glob.glob(os.path.join(cache_dir, "parts", "*.parquet")))
+    parts = _parts(cache_dir)
     if not parts:
         return False
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    table = pa.concat_tables([_read_table(p) for p in parts])
     idx = table["row_index"].to_numpy()
     _, first = np.unique(idx, return_index=True)  # a row scored twice (retry) keeps one copy
     table = table.take(pa.array(np.sort(first)))
     if len(table) != num_rows:
         return False
-    tmp = os.path.join(cache_dir, f".{TABLE}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, os.path.join(cache_dir, TABLE))
-    marker_tmp = os.path.join(cache_dir, f".{MARKER}.tmp")
-    Path(marker_tmp).write_text(json.dumps({"num_rows": num_rows, "created": time.time()}))
-    os.replace(marker_tmp, os.path.join(cache_dir, MARKER))
-    shutil.rmtree(os.path.join(cache_dir, "parts"), ignore_errors=True)
+    fs, base = storage.resolve(cache_dir)
+    pq.write_table(table, f"{base}/{TABLE}", filesystem=fs)  # readers wait for the marker
+    storage.write_text_atomic(storage.join(cache_dir, MARKER),
+                              json.dumps({"num_rows": num_rows, "created": time.time()}))
+    fs.delete_dir_contents(f"{base}/parts", missing_dir_ok=True)
     return True

@@ -38,8 +38,8 @@ class MetricsLogger:
     def __init__(self, output_dir: str, *, report_to: Iterable[str] = ("tensorboard",),
                  run_name: str | None = None, project: str = "rayalign", config_dict: dict | None = None):
         self.output_dir = output_dir.removeprefix("file://")
-        if "://" in self.output_dir:
-            raise ValueError(f"output_dir={output_dir!r}: metrics need a local or file:// path")
+        if "://" in self.output_dir:  # drivers pass storage.RunFiles(...).local_dir for URIs
+            raise ValueError(f"output_dir={output_dir!r}: MetricsLogger writes to a local directory")
         os.makedirs(self.output_dir, exist_ok=True)
         self.path = os.path.join(self.output_dir, "metrics.jsonl")
         report_to = tuple(report_to)

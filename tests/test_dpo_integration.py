@@ -68,13 +68,18 @@ def assert_learned(out):
 @pytest.fixture(scope="module")
 def precompute_run(ray_local, tiny_model_dir, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("precompute") / "run"
-    result = rayalign.train_dpo(base(tiny_model_dir, small_data, out))
+    # Output and reference cache given as storage URIs (shared-storage code path).
+    cfg = base(tiny_model_dir, small_data, out, output_dir=f"file://{out}")
+    cfg["reference"]["cache_dir"] = f"file://{out.parent / 'ref-cache'}"
+    result = rayalign.train_dpo(cfg)
     return out, result
 
 
 def test_precompute_mode_learns_and_writes_everything(precompute_run):
     out, result = precompute_run
     assert result["reference_cache"] == "miss"
+    assert [p.name for p in (out.parent / "ref-cache").iterdir()]  # the cache went to the URI
+    assert result["checkpoint"] == f"file://{out}/checkpoint-30"
     assert_learned(out)
     assert any("eval_rewards/accuracies" in m for m in metrics(out))
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "metrics.png"):

@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import torch
 
-from rayalign import objectives
+from rayalign import objectives, storage
 from rayalign.batch import PreferenceBatch
 from rayalign.config import DPOConfig
 from rayalign.models.loading import disable_dropout, load_causal_lm, load_tokenizer
@@ -83,7 +83,7 @@ class ReferenceLogpsStage:
         self.pad_id = load_tokenizer(cfg.tokenizer_path).pad_token_id
         self.cache_dir = cache_dir
         if cache_dir:
-            os.makedirs(os.path.join(cache_dir, "parts"), exist_ok=True)
+            storage.makedirs(storage.join(cache_dir, "parts"))
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -106,15 +106,20 @@ class ReferenceLogpsStage:
 def write_cache_part(cache_dir: str, row_index, chosen, rejected) -> None:
     """One scored block as a small Parquet file, written atomically (tmp + rename)."""
     import pyarrow as pa
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     table = pa.table({"row_index": np.asarray(row_index, dtype=np.int64),
                       "ref_chosen_logps": np.asarray(chosen, dtype=np.float32),
                       "ref_rejected_logps": np.asarray(rejected, dtype=np.float32)})
     name = uuid.uuid4().hex
-    tmp = os.path.join(cache_dir, "parts", f".{name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, os.path.join(cache_dir, "parts", f"{name}.parquet"))
+    fs, base = storage.resolve(storage.join(cache_dir, "parts"))
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{base}/.{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, f"{base}/{name}.parquet")
+    else:  # object stores publish an object only when it is fully written
+        pq.write_table(table, f"{base}/{name}.parquet", filesystem=fs)
 
 
 def _chunks(batch: PreferenceBatch, size: int):

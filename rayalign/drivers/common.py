@@ -13,7 +13,7 @@ import numpy as np
 
 from rayalign import checkpoint as ckpt
 from rayalign import data as data_lib
-from rayalign import refcache
+from rayalign import refcache, storage
 from rayalign.actors.group import ActorGroup
 from rayalign.batch import PreferenceBatch, SequenceBatch
 from rayalign.config import DPOConfig, TrainConfig
@@ -49,12 +49,13 @@ def steps_per_epoch(num_rows: int, cfg: TrainConfig) -> int:
 
 
 def staging_root(cfg: TrainConfig) -> str:
-    """Local scratch space next to the output (same filesystem: the commit is a rename)."""
-    if "://" in cfg.output_dir and not cfg.output_dir.startswith("file://"):
+    """Local scratch space next to the output (same filesystem: the commit is a rename);
+    a temp dir when the output lives on remote storage (the commit is an upload)."""
+    root = storage.local_path(cfg.output_dir)
+    if root is None:
         import tempfile
 
         return tempfile.mkdtemp(prefix="rayalign-staging-")
-    root = cfg.output_dir.removeprefix("file://")
     os.makedirs(root, exist_ok=True)
     return root
 
@@ -95,8 +96,8 @@ class PreparedData:
                                                 max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
                             for i in range(0, len(self.eval_rows), size)]
         if self.kind == "dpo" and cfg.reference_mode == "precompute":
-            self._cache_dir = os.path.join(refcache.cache_root(cfg), refcache.cache_key(cfg, self.train_path))
-            os.makedirs(self._cache_dir, exist_ok=True)
+            self._cache_dir = refcache.cache_dir(cfg, self.train_path)
+            storage.makedirs(self._cache_dir)
             self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
             logger.info("reference cache %s: %s", self._cache_dir, "hit" if self._cache else "miss")
         return self._epoch_dataset(cfg), eval_batches
@@ -148,8 +149,8 @@ class PreparedData:
         """Eval rows with reference log-probs, through the same cache (computed eagerly)."""
         import ray
 
-        cache_dir = os.path.join(refcache.cache_root(cfg), refcache.cache_key(cfg, path))
-        os.makedirs(cache_dir, exist_ok=True)
+        cache_dir = refcache.cache_dir(cfg, path)
+        storage.makedirs(cache_dir)
         cached = refcache.load_cached(cache_dir, table.num_rows, table["row_index"].to_numpy())
         ds = ray.data.from_arrow(table)
         if cached is None:

@@ -15,6 +15,7 @@ import math
 import time
 
 from rayalign import checkpoint as ckpt
+from rayalign import storage
 from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
@@ -70,7 +71,10 @@ def train(cfg: TrainConfig) -> dict:
             learners.call("load", local)
             state = ckpt.load_trainer_state(local)
             logger.info("resumed from %s at step %d", path, state["step"])
-        tracker = MetricsLogger(cfg.output_dir, report_to=cfg.logging.report_to,
+        files = storage.RunFiles(cfg.output_dir)  # logs: local, or a mirror synced to the URI
+        if cfg.resume_from_checkpoint:
+            files.pull()
+        tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to,
                                 run_name=cfg.logging.run_name, project=cfg.logging.project,
                                 config_dict=to_dict(cfg))
         tracker.truncate_after(state["step"])
@@ -99,6 +103,7 @@ def train(cfg: TrainConfig) -> dict:
                 state["log_history"].append({"step": done, **metrics})
                 interval = []
                 progress.update(done, metrics, samples=done * cfg.global_batch_size)
+                files.sync(("metrics.jsonl",))
             if kind == "dpo" and cfg.sync_ref_model and done % cfg.ref_model_sync_steps == 0:
                 policy = learners.call("full_state_dict")[0]
                 references.call("mix_weights", policy, cfg.ref_model_mixup_alpha)
@@ -108,6 +113,7 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
                 common.save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch},
                             name=f"checkpoint-{done}", metrics=final_eval)
+                files.sync()
         elapsed = time.time() - t0
         steps_run = total_steps - state["step"]
         if eval_batches and (not cfg.eval_steps or total_steps % cfg.eval_steps != 0):
@@ -125,7 +131,8 @@ def train(cfg: TrainConfig) -> dict:
         tracker.log(throughput, step=total_steps)
         tracker.close()
         progress.close()
-        plot_metrics(f"{cfg.output_dir}/metrics.jsonl", cfg.output_dir, keys=PLOT_KEYS[kind])
+        plot_metrics(f"{files.local_dir}/metrics.jsonl", files.local_dir, keys=PLOT_KEYS[kind])
+        files.sync(extra=("metrics.png",))
         train_logs = [h for h in state["log_history"] if "loss" in h]
         last_train = train_logs[-1] if train_logs else {}
         return {"metrics": {**last_train, **final_eval, **throughput}, "model_dir": model_dir,

@@ -6,6 +6,7 @@
     rayalign dpo    --config jobs/dpo-tiny.yaml --learner.num_actors 2 --reference.mode precompute
     rayalign reward --config jobs/reward-tiny.yaml
     rayalign demo   --output_dir outputs/demo     # tiny model -> SFT -> reward -> DPO, with correctness
+    rayalign sweep  --config jobs/sweep-dpo-tiny.yaml   # Ray Tune over a job's fields
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _train(command: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = ["tiny-model", "demo-data", "demo", *TRAIN_COMMANDS]
+    commands = ["tiny-model", "demo-data", "demo", "sweep", *TRAIN_COMMANDS]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         if command in TRAIN_COMMANDS:
             return _train(command, rest)
         parser = argparse.ArgumentParser(prog=f"rayalign {command}")
+        if command == "sweep":
+            parser.add_argument("--config", required=True, help="sweep YAML (see jobs/sweep-*.yaml)")
+            a, overrides = parser.parse_known_args(rest)
+            from rayalign.sweep import load_sweep_config, run_sweep
+
+            summary = run_sweep(load_sweep_config(a.config, overrides))
+            return 0 if summary["best"] is not None else 1
         if command == "tiny-model":
             parser.add_argument("--output", required=True)
             parser.add_argument("--seed", type=int, default=0)

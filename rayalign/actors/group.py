@@ -112,18 +112,27 @@ class ActorGroup:
 
     def __init__(self, actor_cls: type, spec: GroupSpec, *, args: Sequence[Any] = (),
                  placement_timeout_s: float = 120.0, env_vars: dict[str, str] | None = None,
-                 max_restarts: int = 0):
+                 max_restarts: int = 0, placement: tuple[Any, int] | None = None):
+        """`placement=(pg, first_bundle)`: use bundles first_bundle.. of an existing placement
+        group (a Ray Tune trial's, which reserved every actor's resources up front) instead
+        of reserving a new one."""
         if spec.num_actors < 1:
             raise ValueError(f"{spec.name}.num_actors must be >= 1")
         self.spec = spec
         bundle = {"CPU": spec.num_cpus_per_actor}
         if spec.num_gpus_per_actor:
             bundle["GPU"] = spec.num_gpus_per_actor
-        self._pg = placement_group([dict(bundle) for _ in range(spec.num_actors)], strategy=spec.strategy)
+        self._owns_pg = placement is None
+        if placement is not None:
+            self._pg, first = placement
+        else:
+            self._pg, first = placement_group([dict(bundle) for _ in range(spec.num_actors)],
+                                              strategy=spec.strategy), 0
         ready, _ = ray.wait([self._pg.ready()], timeout=placement_timeout_s)
         if not ready:
             available = ray.cluster_resources()
-            remove_placement_group(self._pg)
+            if self._owns_pg:
+                remove_placement_group(self._pg)
             raise ClusterError(
                 f"{spec.name}: could not reserve {spec.num_actors} x {bundle} within "
                 f"{placement_timeout_s:.0f}s; the cluster has {available}. Lower "
@@ -138,7 +147,7 @@ class ActorGroup:
                 max_restarts=max_restarts,
                 max_concurrency=2,  # several learners may query one reference actor at once
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i),
+                    self._pg, placement_group_bundle_index=first + i),
                 runtime_env={"env_vars": env},
             ).remote(*args, rank=i, world_size=spec.num_actors)
             for i in range(spec.num_actors)
@@ -189,6 +198,8 @@ class ActorGroup:
             except Exception:  # already dead
                 pass
         self.actors = []
+        if not self._owns_pg:
+            return
         try:
             remove_placement_group(self._pg)
         except Exception:

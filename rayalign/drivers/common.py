@@ -37,6 +37,34 @@ def local_num_cpus(cfg: TrainConfig) -> int | None:
     return int(max(os.cpu_count() or 1, math.ceil(need) + 2))
 
 
+def actor_groups(cfg: TrainConfig) -> list[tuple[str, int, dict]]:
+    """(role, num_actors, bundle per actor) for every actor group a job starts, in the order
+    its bundles sit in a Ray Tune trial's placement group (after the trial's own bundle)."""
+    def bundle(section) -> dict:
+        b = {"CPU": section.num_cpus_per_actor}
+        if section.num_gpus_per_actor:
+            b["GPU"] = section.num_gpus_per_actor
+        return b
+
+    groups = [("learner", cfg.learner.num_actors, bundle(cfg.learner))]
+    if isinstance(cfg, DPOConfig) and cfg.reference_mode == "actor":
+        groups.append(("reference", cfg.reference.num_actors, bundle(cfg.reference)))
+    return groups
+
+
+def group_placements(cfg: TrainConfig) -> dict[str, tuple | None]:
+    """Inside a Tune trial (its placement group captures child tasks) each group takes its
+    bundles of the trial's group; elsewhere every group reserves its own."""
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    out, first = {}, 1  # bundle 0 is the trial driver's
+    for role, n, _ in actor_groups(cfg):
+        out[role] = (pg, first) if pg is not None else None
+        first += n
+    return out
+
+
 def steps_per_epoch(num_rows: int, cfg: TrainConfig) -> int:
     rows_per_shard = num_rows // cfg.learner.num_actors
     steps = rows_per_shard // cfg.per_device_train_batch_size // cfg.gradient_accumulation_steps

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 from rayalign import checkpoint as ckpt
 from rayalign import storage
@@ -37,8 +38,9 @@ def job_kind(cfg: TrainConfig) -> str:
     return "dpo" if isinstance(cfg, DPOConfig) else "reward" if isinstance(cfg, RewardConfig) else "sft"
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one offline job to the end; returns final metrics and the model directory."""
+def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dict:
+    """Run one offline job to the end; returns final metrics and the model directory.
+    `report` (Ray Tune) receives the latest train + eval metrics after every evaluation."""
     kind = job_kind(cfg)
     data = common.prepare_data(cfg, kind)  # validates paths and rows before any actor starts
     ensure_ray(cfg.ray.address, common.local_num_cpus(cfg), cfg.ray.namespace)
@@ -47,16 +49,19 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = common.steps_per_epoch(data.num_train_rows, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
+    placements = common.group_placements(cfg)
     references = None
     if kind == "dpo" and cfg.reference_mode == "actor":
         references = ActorGroup(Reference, GroupSpec("reference", cfg.reference.num_actors,
                                                      cfg.reference.num_cpus_per_actor,
                                                      cfg.reference.num_gpus_per_actor),
-                                args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s)
+                                args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s,
+                                placement=placements["reference"])
     learners = ActorGroup(PolicyLearner, GroupSpec("learner", cfg.learner.num_actors,
                                                    cfg.learner.num_cpus_per_actor,
                                                    cfg.learner.num_gpus_per_actor),
-                          args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s)
+                          args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s,
+                          placement=placements["learner"])
     try:
         learners.init_distributed(common.backend(cfg), cfg.learner.collective_timeout_s)
         ref_handles = [references.actors[i % len(references)] if references else None
@@ -110,6 +115,8 @@ def train(cfg: TrainConfig) -> dict:
             if eval_batches and cfg.eval_steps and done % cfg.eval_steps == 0:
                 final_eval = common.evaluate(learners, eval_batches, tracker, done)
                 state["log_history"].append({"step": done, **final_eval})
+                if report is not None and done < total_steps:
+                    report(_latest(state["log_history"], done))
             if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
                 common.save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch},
                             name=f"checkpoint-{done}", metrics=final_eval)
@@ -135,6 +142,10 @@ def train(cfg: TrainConfig) -> dict:
         files.sync(extra=("metrics.png",))
         train_logs = [h for h in state["log_history"] if "loss" in h]
         last_train = train_logs[-1] if train_logs else {}
+        if report is not None:
+            report({**_latest(state["log_history"], total_steps), **final_eval, **throughput,
+                    "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}",
+                    "reference_cache_hit": float(cache_status == "hit")})
         return {"metrics": {**last_train, **final_eval, **throughput}, "model_dir": model_dir,
                 "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}", "total_steps": total_steps,
                 "reference_cache": cache_status}
@@ -142,3 +153,13 @@ def train(cfg: TrainConfig) -> dict:
         learners.shutdown()
         if references is not None:
             references.shutdown()
+
+
+def _latest(history: list[dict], step: int) -> dict:
+    """The newest value of every metric logged up to `step`, with `step` itself."""
+    out: dict = {}
+    for row in history:
+        if row["step"] <= step:
+            out.update(row)
+    out["step"] = step
+    return out

@@ -179,6 +179,9 @@ class TrainConfig:
     truncation_mode: str = "keep_start"  # TRL 1.16 default
     drop_bad_rows: bool = False  # True: drop and count malformed rows instead of failing
     trust_remote_code: bool = False
+    # Actor deaths survived per run: groups are recreated and the run restored from the last
+    # complete checkpoint (or restarted from step 0 before the first one). 0: fail at once.
+    max_failures: int = 3
     ray: RayConfig = field(default_factory=RayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -197,6 +200,7 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value is None or value >= 1, name, "must be >= 1 or null")
         _require(self.learning_rate >= 0, "learning_rate", "must be >= 0")
+        _require(self.max_failures >= 0, "max_failures", "must be >= 0")
         _one_of(self.lr_scheduler_type, "lr_scheduler_type", SCHEDULERS)
         _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Sequence
@@ -20,11 +22,17 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayalign import faults
+
 logger = logging.getLogger(__name__)
 
 
 class ClusterError(RuntimeError):
     """The cluster cannot provide what the config asks for (resources, address)."""
+
+
+class ActorFailure(RuntimeError):
+    """An actor of a group died (killed, OOM, node lost); the driver may recover from it."""
 
 
 @dataclass(frozen=True)
@@ -140,8 +148,11 @@ class ActorGroup:
         remote_cls = ray.remote(actor_cls)
         env = {"OMP_NUM_THREADS": str(max(1, int(spec.num_cpus_per_actor) or 1)),
                "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}
+        if os.environ.get(faults.ENV):  # reliability tests: the injected fault reaches the actors
+            env[faults.ENV] = os.environ[faults.ENV]
         self.actors = [
             remote_cls.options(
+                name=f"{spec.name}-{i}-{uuid.uuid4().hex[:8]}",  # findable: ray.util.list_named_actors()
                 num_cpus=spec.num_cpus_per_actor,
                 num_gpus=spec.num_gpus_per_actor,
                 max_restarts=max_restarts,
@@ -184,11 +195,32 @@ class ActorGroup:
         return self.get(refs, timeout)
 
     def get(self, refs: list[ray.ObjectRef], timeout: float | None) -> list[Any]:
-        try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise TimeoutError(f"{self.spec.name}: no answer within {timeout}s (a peer may be dead "
-                               "or stuck in a collective)") from exc
+        """Results in order. An actor that died raises `ActorFailure` as soon as Ray reports
+        it, even while its peers still wait in a collective; an error raised by a survivor
+        because its peer vanished (gloo "connection closed") is reported as that death."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        index = {ref: i for i, ref in enumerate(refs)}
+        pending, task_error = list(refs), None
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if task_error is not None:  # give a dead peer's own error a moment to arrive
+                left = 10.0 if left is None else min(left, 10.0)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                if task_error is not None:
+                    raise task_error
+                raise TimeoutError(f"{self.spec.name}: no answer within {timeout}s (a peer may be dead "
+                                   "or stuck in a collective)")
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                raise ActorFailure(f"{self.spec.name} actor {index[ready[0]]} died: "
+                                   f"{str(exc).splitlines()[0]}") from exc
+            except ray.exceptions.RayTaskError as exc:
+                task_error = task_error or exc
+        if task_error is not None:
+            raise task_error
+        return ray.get(refs)
 
     def shutdown(self) -> None:
         """Kill the actors and release the placement group."""

@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 
-from rayalign import objectives
+from rayalign import faults, objectives
 from rayalign.actors.group import DistributedWorker
 from rayalign.batch import PreferenceBatch, SequenceBatch
 from rayalign.config import DPOConfig, RewardConfig, SFTConfig, TrainConfig
@@ -168,6 +168,7 @@ class PolicyLearner(DistributedWorker):
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over gradient_accumulation_steps micro-batches."""
+        faults.maybe_crash("train_step", int(self.engine.global_steps) + 1)
         micro = [self._next_batch() for _ in range(self.cfg.gradient_accumulation_steps)]
         micro = [self._with_reference(b) for b in micro]
         totals: dict[str, float] = {}
@@ -257,6 +258,7 @@ class PolicyLearner(DistributedWorker):
         from rayalign.checkpoint import save_rng_state
 
         os.makedirs(staging_dir, exist_ok=True)
+        faults.maybe_crash("save", int(self.engine.global_steps))
         state = self.full_state_dict()
         if self.rank == 0:
             module = self.engine.module

@@ -17,7 +17,7 @@ from typing import Callable
 
 from rayalign import checkpoint as ckpt
 from rayalign import storage
-from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
+from rayalign.actors.group import ActorFailure, ActorGroup, GroupSpec, ensure_ray
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
 from rayalign.config import DPOConfig, RewardConfig, TrainConfig, to_dict
@@ -49,6 +49,26 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     steps_per_epoch = common.steps_per_epoch(data.num_train_rows, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
+    failures = 0
+    resume = cfg.resume_from_checkpoint
+    while True:
+        try:
+            return _attempt(cfg, kind, data, train_ds, eval_batches, cache_status, steps_per_epoch,
+                            total_steps, resume, report, failures)
+        except ActorFailure as exc:
+            failures += 1
+            if failures > cfg.max_failures:
+                raise ActorFailure(f"{exc}; giving up after {failures} failure(s) "
+                                   f"(max_failures={cfg.max_failures})") from exc
+            resume = "latest" if ckpt.list_checkpoints(cfg.output_dir) else None
+            logger.warning("actor failure %d of max_failures=%d (%s): recreating the actor groups and "
+                           "restoring from %s", failures, cfg.max_failures, exc,
+                           "the last complete checkpoint" if resume else "step 0 (no checkpoint yet)")
+
+
+def _attempt(cfg, kind, data, train_ds, eval_batches, cache_status, steps_per_epoch, total_steps,
+             resume, report, recoveries) -> dict:
+    """One try at the run: start the actor groups, restore `resume` if given, train to the end."""
     placements = common.group_placements(cfg)
     references = None
     if kind == "dpo" and cfg.reference_mode == "actor":
@@ -70,19 +90,21 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
         logger.info("learners ready: %s", info)
 
         state = {"step": 0, "log_history": []}
-        if cfg.resume_from_checkpoint:
-            path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+        if resume:
+            path = ckpt.resolve_checkpoint(cfg.output_dir, resume)
             local = ckpt.download_checkpoint(path, common.staging_root(cfg))
             learners.call("load", local)
             state = ckpt.load_trainer_state(local)
             logger.info("resumed from %s at step %d", path, state["step"])
         files = storage.RunFiles(cfg.output_dir)  # logs: local, or a mirror synced to the URI
-        if cfg.resume_from_checkpoint:
+        if resume:
             files.pull()
         tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to,
                                 run_name=cfg.logging.run_name, project=cfg.logging.project,
                                 config_dict=to_dict(cfg))
         tracker.truncate_after(state["step"])
+        if recoveries:
+            tracker.log({"recoveries": recoveries}, step=state["step"])
         progress = ProgressReporter(total_steps, enabled=cfg.logging.progress_bar, desc=f"rayalign {kind}")
 
         epoch = None

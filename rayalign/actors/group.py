@@ -85,6 +85,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
            "TOKENIZERS_PARALLELISM": "false"}
+    if address and address not in ("auto", "local"):
+        _check_reachable(address)
     try:
         if address:
             # No runtime_env here: inside `ray job submit` the job's own runtime env applies,
@@ -101,6 +103,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
             "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN or "
             f"RAY_AUTH_TOKEN_PATH (see cluster/local/README.md): {exc}") from exc
     quiet_ray_data()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the field, when nothing listens at a host:port address (Ray's
+    own connect retries for minutes)."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port (e.g. a cluster name): let Ray resolve it
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterError(f"ray.address (or RAY_ADDRESS): nothing answers at {address!r} ({exc}); "
+                           "start the head first (cluster/local/start-head.sh) or unset it to run "
+                           "on a local Ray") from None
 
 
 def quiet_ray_data() -> None:

@@ -43,6 +43,8 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     `report` (Ray Tune) receives the latest train + eval metrics after every evaluation."""
     kind = job_kind(cfg)
     data = common.prepare_data(cfg, kind)  # validates paths and rows before any actor starts
+    if cfg.resume_from_checkpoint:  # a missing or damaged checkpoint fails before Ray starts
+        ckpt.verify_checkpoint(ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint))
     ensure_ray(cfg.ray.address, common.local_num_cpus(cfg), cfg.ray.namespace)
     train_ds, eval_batches = data.build(cfg)
     cache_status = ("hit" if data.cache_hit else "miss") if data.uses_cache else None

@@ -1,0 +1,121 @@
+"""Table-driven bad input: each case must fail with an error naming the culprit, before any
+actor starts, and leave the output dir (a finished checkpoint and metrics) byte-for-byte as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import rayalign
+from rayalign import checkpoint as ckpt
+
+
+def _rows(demo_data_dir, name, n=64):
+    return Path(demo_data_dir, name).read_text().splitlines()[:n]
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model_dir, demo_data_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad-inputs")
+    good = _rows(demo_data_dir, "pref_train.jsonl")
+    (d / "good.jsonl").write_text("\n".join(good) + "\n")
+    (d / "conv.jsonl").write_text("\n".join(_rows(demo_data_dir, "pref_train_conversational.jsonl")) + "\n")
+    (d / "bad_json.jsonl").write_text(good[0] + "\n{not json\n")
+    row = json.loads(good[0])
+    (d / "no_chosen.jsonl").write_text(json.dumps({"prompt": row["prompt"], "rejected": row["rejected"]}) + "\n")
+    (d / "chosen_number.jsonl").write_text(json.dumps({**row, "chosen": 3}) + "\n")
+    (d / "one_row.jsonl").write_text(good[0] + "\n")
+    (d / "empty_prompt_implicit.jsonl").write_text(json.dumps({"chosen": "abc", "rejected": "xyz"}) + "\n")
+    no_template = d / "tok-no-template"
+    shutil.copytree(tiny_model_dir, no_template)
+    for f in no_template.glob("chat_template.jinja"):
+        f.unlink()
+    cfg_file = no_template / "tokenizer_config.json"
+    tc = json.loads(cfg_file.read_text())
+    tc.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(tc))
+    no_eos = d / "tok-no-eos"
+    shutil.copytree(tiny_model_dir, no_eos)
+    tc = json.loads((no_eos / "tokenizer_config.json").read_text())
+    tc["eos_token"] = None
+    tc["pad_token"] = None
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(tc))
+    (d / "weights-only").mkdir()
+    return d
+
+
+# (id, overrides, error class name, what the message must name)
+CASES = [
+    ("beta-zero", {"beta": 0.0}, "ConfigError", "beta"),
+    ("beta-negative", {"beta": -1}, "ConfigError", "beta"),
+    ("label-smoothing-range", {"label_smoothing": 0.7}, "ConfigError", "label_smoothing"),
+    ("unknown-loss-type", {"loss_type": "magic"}, "ConfigError", "loss_type"),
+    ("unknown-key", {"betta": 0.1}, "ConfigError", "betta"),
+    ("wrong-type", {"max_steps": "ten"}, "ConfigError", "max_steps"),
+    ("zero-stage", {"learner": {"zero_stage": 5}}, "ConfigError", "learner.zero_stage"),
+    ("reference-mode", {"reference": {"mode": "magic"}}, "ConfigError", "reference.mode"),
+    ("implicit-without-lora", {"reference": {"mode": "implicit"}}, "ConfigError", "reference.mode"),
+    ("batch-size", {"per_device_train_batch_size": 0}, "ConfigError", "per_device_train_batch_size"),
+    ("f-divergence", {"f_divergence_type": "chi2"}, "ConfigError", "f_divergence_type"),
+    ("report-to", {"logging": {"report_to": ["comet"]}}, "ConfigError", "logging.report_to"),
+    ("max-failures", {"max_failures": -1}, "ConfigError", "max_failures"),
+    ("missing-model", {"model_name_or_path": "{d}/no-such-model"}, "ModelLoadError", "no-such-model"),
+    ("model-dir-without-files", {"model_name_or_path": "{d}/weights-only"}, "ModelLoadError", "weights-only"),
+    ("tokenizer-without-eos", {"tokenizer_name_or_path": "{d}/tok-no-eos"}, "ModelLoadError", "eos"),
+    ("missing-train-file", {"train_dataset": "{d}/nope.jsonl"}, "DataError", "train_dataset"),
+    ("missing-eval-file", {"eval_dataset": "{d}/nope.jsonl"}, "DataError", "eval_dataset"),
+    ("invalid-json", {"train_dataset": "{d}/bad_json.jsonl"}, "DataError", "bad_json.jsonl row 1"),
+    ("row-without-chosen", {"train_dataset": "{d}/no_chosen.jsonl"}, "DataError", "row 0, field 'chosen'"),
+    ("chosen-not-text", {"train_dataset": "{d}/chosen_number.jsonl"}, "DataError", "chosen"),
+    ("no-shared-prefix", {"train_dataset": "{d}/empty_prompt_implicit.jsonl"}, "DataError", "prompt"),
+    ("too-few-rows", {"train_dataset": "{d}/one_row.jsonl"}, "DataError", "too few"),
+    ("chat-template-missing", {"train_dataset": "{d}/conv.jsonl", "eval_dataset": None,
+                               "tokenizer_name_or_path": "{d}/tok-no-template"}, "DataError", "chat template"),
+    ("resume-missing", {"resume_from_checkpoint": "{d}/no-such-checkpoint"}, "CheckpointError", "no-such-checkpoint"),
+    ("unreachable-ray", {"ray": {"address": "127.0.0.1:1"}}, "ClusterError", "ray.address"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fill(value, d):
+    if isinstance(value, str):
+        return value.replace("{d}", str(d))
+    if isinstance(value, dict):
+        return {k: _fill(v, d) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("case, over, error, culprit", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_rejected_early_and_touches_nothing(case, over, error, culprit, inputs, tiny_model_dir,
+                                                         tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "run"
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "config.json").write_text("{}")
+    ckpt.commit_checkpoint(str(staged), str(out), "checkpoint-2", step=2)
+    (out / "metrics.jsonl").write_text('{"step": 2, "loss": 0.69}\n')
+    before = _snapshot(out)
+    cfg = {"model_name_or_path": tiny_model_dir, "train_dataset": str(inputs / "good.jsonl"),
+           "eval_dataset": str(inputs / "good.jsonl"), "output_dir": str(out), "max_steps": 2,
+           "per_device_train_batch_size": 8, "max_length": 64, "logging": {"progress_bar": False},
+           "reference": {"mode": "none"}, "ray": {"placement_timeout_s": 5}}
+    for key, value in _fill(over, inputs).items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    with pytest.raises(Exception) as info:
+        rayalign.train_dpo(cfg)
+    assert type(info.value).__name__ == error, repr(info.value)
+    assert culprit in str(info.value), str(info.value)
+    assert _snapshot(out) == before
+    import ray
+
+    if case != "unreachable-ray":
+        assert not ray.is_initialized(), "Ray was started before the input was checked"

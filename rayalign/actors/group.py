@@ -80,6 +80,8 @@ class DistributedWorker:
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespace: str | None = None) -> None:
     """Connect to `address` / RAY_ADDRESS if given, else start a local Ray."""
+    if address and address not in ("auto", "local"):
+        _check_reachable(address)  # also when this process already holds a Ray connection
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

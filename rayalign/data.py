@@ -405,3 +405,22 @@ def load_prompts(path: str, field: str = "prompts") -> list:
             raise _bad(path, i, "prompt", "expected a non-empty string or a list of messages")
         prompts.append(prompt)
     return prompts
+
+
+def load_prompt_rows(path: str, tokenizer, field: str = "train_dataset",
+                     drop_bad_rows: bool = False) -> tuple[list[dict], int]:
+    """Prompt-only rows for online jobs: each row keeps its columns (reward functions get
+    them, TRL-style) plus `prompt_ids` (chat template with generation prompt for message
+    lists). Bad rows raise naming file/row/field, or are dropped and counted."""
+    rows, dropped = [], 0
+    for i, row in enumerate(read_rows(path, field)):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not (isinstance(prompt, str) and prompt.strip()) and not _is_messages(prompt):
+            if drop_bad_rows:
+                dropped += 1
+                continue
+            raise _bad(f"{field}: {path}", i, "prompt", "expected a non-empty string or a list of messages")
+        rows.append({**row, "prompt_ids": prompt_text_and_ids(prompt, tokenizer)[1]})
+    if not rows:
+        raise DataError(f"{field}: {path} has no usable prompt rows ({dropped} dropped)")
+    return rows, dropped

@@ -276,6 +276,19 @@ def dpo_objective(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torc
     return total, metrics
 
 
+def online_dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                    ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
+                    beta: float, loss_type: str = "sigmoid") -> torch.Tensor:
+    """TRL 1.16 OnlineDPOTrainer's per-pair loss: sigmoid, or IPO on the summed log-ratios
+    ((logits - 1/(2 beta))^2, no length normalisation, unlike the offline IPO)."""
+    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * logits)
+    if loss_type == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2
+    raise ValueError(f"online DPO loss_type={loss_type!r}: expected sigmoid or ipo")
+
+
 @torch.no_grad()
 def wpo_weights(per_token_logps: torch.Tensor, per_token_log_sum_sq_probs: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:

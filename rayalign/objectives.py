@@ -51,9 +51,50 @@ def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig) -> tuple[torch.
 @torch.no_grad()
 def reference_logprobs(model, batch: PreferenceBatch, cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reference log-probs of chosen and rejected (same weighting as the policy)."""
-    out = preference_logprobs(model, batch, ld_alpha=cfg.ld_alpha, use_weighting=False,
+    out = preference_logprobs(model, batch, ld_alpha=getattr(cfg, "ld_alpha", None), use_weighting=False,
                               padding_free=cfg.padding_free)
     return out.chosen_logps.detach().float().cpu(), out.rejected_logps.detach().float().cpu()
+
+
+def online_dpo_objective(model, batch: PreferenceBatch, cfg, beta: float,
+                         scores: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    """Online DPO on sampled pairs with TRL 1.16 OnlineDPOTrainer's metric names.
+
+    `scores` (chosen, rejected) are the rewards that ranked the pair (None with a judge).
+    KL terms are over completion tokens: kl_i = log pi(y_i) - log ref(y_i) summed.
+    """
+    out = preference_logprobs(model, batch, padding_free=cfg.padding_free)
+    policy_c, policy_r = out.chosen_logps, out.rejected_logps
+    if cfg.reference_mode == "none":
+        ref_c, ref_r = torch.zeros_like(policy_c), torch.zeros_like(policy_r)
+    else:
+        if batch.ref_chosen_logps is None:
+            raise RuntimeError("online_dpo_objective: batch has no reference log-probs")
+        ref_c, ref_r = batch.ref_chosen_logps.to(policy_c), batch.ref_rejected_logps.to(policy_r)
+    loss = losses.online_dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=beta, loss_type=cfg.loss_type).mean()
+    with torch.no_grad():
+        logps = torch.cat([policy_c, policy_r]).detach()
+        kl = logps - torch.cat([ref_c, ref_r])
+        non_score = -beta * kl
+        chosen_rewards = beta * (policy_c.detach() - ref_c)
+        rejected_rewards = beta * (policy_r.detach() - ref_r)
+        metrics = {
+            "loss": loss.detach(),
+            "objective/kl": kl.mean(),
+            "objective/entropy": -logps.mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": policy_c.detach().mean(),
+            "logps/rejected": policy_r.detach().mean(),
+            "beta": torch.tensor(beta),
+        }
+        if scores is not None:
+            all_scores = torch.cat([scores[0], scores[1]]).to(kl)
+            metrics["objective/rlhf_reward"] = (all_scores + non_score).mean()
+    return loss, metrics
 
 
 def sft_objective(model, batch: SequenceBatch, cfg) -> tuple[torch.Tensor, dict]:

@@ -185,6 +185,68 @@ class PolicyLearner(DistributedWorker):
         out["learning_rate"] = float(self.engine.get_lr()[0])
         return out
 
+    def train_pairs(self, rows: list[dict], beta: float) -> dict[str, float]:
+        """Online DPO: one optimizer step on sampled pairs (rows with prompt_ids, chosen_ids,
+        rejected_ids and optional chosen_score / rejected_score), in
+        gradient_accumulation_steps micro-batches of per_device_train_batch_size pairs."""
+        faults.maybe_crash("train_step", int(self.engine.global_steps) + 1)
+        cfg = self.cfg
+        ga = cfg.gradient_accumulation_steps
+        if len(rows) != ga * cfg.per_device_train_batch_size:
+            raise ValueError(f"learner {self.rank}: got {len(rows)} pairs, expected "
+                             f"{ga} x per_device_train_batch_size={cfg.per_device_train_batch_size}")
+        per = cfg.per_device_train_batch_size
+        totals: dict[str, float] = {}
+        for i in range(ga):
+            part = rows[i * per:(i + 1) * per]
+            batch = PreferenceBatch.from_rows(part, self.tokenizer.pad_token_id, max_length=cfg.max_length,
+                                              truncation_mode=cfg.truncation_mode)
+            batch = self._with_reference(batch)
+            scores = None
+            if part[0].get("chosen_score") is not None:
+                scores = (torch.tensor([float(r["chosen_score"]) for r in part]),
+                          torch.tensor([float(r["rejected_score"]) for r in part]))
+            loss, metrics = objectives.online_dpo_objective(self.engine, batch, cfg, beta, scores)
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        out = {k: v / ga for k, v in totals.items()}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        out["learning_rate"] = float(self.engine.get_lr()[0])
+        return out
+
+    def export_weights(self, probe: list[int] | None = None) -> dict | None:
+        """The weights rollout engines load, for a push: on rank 0 a dict with the state
+        dict in Ray's object store (`state`: [ref], base-model names, LoRA merged into a
+        copy, a tied lm_head left out), its `fingerprint`, and the log-probs of `probe`.
+        Every rank must call it (ZeRO-3 gathers)."""
+        from rayalign.models import weights as weights_lib
+
+        module = self.engine.module
+        if self.cfg.learner.zero_stage == 3:
+            state = self.full_state_dict()
+        else:
+            state = weights_lib.export_state_dict(module) if self.rank == 0 else None
+        probe_logps = None
+        if probe is not None:
+            was_training = module.training
+            module.eval()
+            probe_logps = weights_lib.probe_logprobs(module, probe)
+            module.train(was_training)
+        if self.rank != 0:
+            return None
+        if getattr(self._base_config(), "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        return {"state": [ray.put(state)], "fingerprint": weights_lib.fingerprint(state.values()),
+                "probe": probe_logps, "num_tensors": len(state)}
+
+    def _base_config(self):
+        module = self.engine.module
+        return module.get_base_model().config if self.cfg.lora.enabled else module.config
+
     @torch.no_grad()
     def evaluate(self, batches: list, weights: list[float]) -> dict[str, float]:
         """Weighted metric sums over eval batches (weight 0 pads ranks to equal counts, so
@@ -211,7 +273,7 @@ class PolicyLearner(DistributedWorker):
 
     def _with_reference(self, batch):
         cfg = self.cfg
-        if not isinstance(cfg, DPOConfig) or batch.ref_chosen_logps is not None:
+        if getattr(cfg, "reference_mode", None) is None or batch.ref_chosen_logps is not None:
             return batch
         mode = cfg.reference_mode
         if mode == "none":

@@ -1,0 +1,400 @@
+"""The online DPO driver (OAIF): sample, rank, train, push weights — one synchronous step.
+
+    rayalign online-dpo --config jobs/online-dpo-tiny.yaml
+
+Per step: take a batch of prompts from the Ray Dataset; the rollout actors (vLLM or HF)
+sample two completions per prompt with weight version v; reward functions / reward models
+(or a pairwise judge) pick chosen and rejected; each learner gets its share of the pairs,
+attaches reference log-probs (reference actor, adapter-off pass, or none) and takes one
+DPO step; the new weights (version v+1) are pushed to every rollout actor and checked
+(fingerprint of what each engine loaded, and log-probs of a probe sequence); then metrics
+(TRL's names), the completions table and checkpoints. The driver holds no model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from rayalign import checkpoint as ckpt
+from rayalign import storage
+from rayalign.actors.group import ActorFailure, ActorGroup, GroupSpec, ensure_ray
+from rayalign.actors.learner import PolicyLearner
+from rayalign.actors.reference import Reference
+from rayalign.actors.rollout import (Rollout, StaleRolloutError, WeightSyncError, actor_env, resolve_backend,
+                                     sampling_from_config)
+from rayalign.config import ConfigError, OnlineDPOConfig, to_dict
+from rayalign.data import DataError, load_prompt_rows
+from rayalign.drivers import common
+from rayalign.models import weights as weights_lib
+from rayalign.models.loading import load_tokenizer
+from rayalign.scoring import RewardSources, build_judge, check_reward_sources, judge_pairs
+from rayalign.tracking import MetricsLogger, ProgressReporter, average_metrics, plot_metrics
+
+logger = logging.getLogger("rayalign")
+
+PLOT_KEYS = ["objective/scores", "eval_objective/scores", "rewards/margins", "objective/kl", "loss",
+             "val/contain_eos_token"]
+
+
+class Prompts:
+    """Validated prompt rows and their per-epoch order from a Ray Dataset."""
+
+    def __init__(self, cfg: OnlineDPOConfig):
+        tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+        self.rows, self.dropped = load_prompt_rows(cfg.train_dataset, tokenizer, "train_dataset", cfg.drop_bad_rows)
+        self.eval_rows: list[dict] = []
+        if cfg.eval_dataset:
+            self.eval_rows, _ = load_prompt_rows(cfg.eval_dataset, tokenizer, "eval_dataset", cfg.drop_bad_rows)
+        self.conversational = not isinstance(self.rows[0]["prompt"], str)
+        self.batch = cfg.prompts_per_step
+        self.steps_per_epoch = len(self.rows) // self.batch
+        if self.steps_per_epoch < 1:
+            raise DataError(f"train_dataset: {len(self.rows)} prompts are too few for one step of "
+                            f"{cfg.learner.num_actors} learner(s) x per_device_train_batch_size="
+                            f"{cfg.per_device_train_batch_size} x gradient_accumulation_steps="
+                            f"{cfg.gradient_accumulation_steps}")
+        self.seed = cfg.seed
+        self._ds = None
+
+    def epoch_batches(self, epoch: int, skip: int):
+        """Row batches of one epoch (shuffled by a Ray Dataset with seed + epoch)."""
+        if self._ds is None:
+            self._ds = ray.data.range(len(self.rows))
+        it = self._ds.random_shuffle(seed=self.seed + epoch).iter_batches(
+            batch_size=self.batch, batch_format="numpy", drop_last=True)
+        for i, batch in enumerate(it):
+            if i >= skip:
+                yield [self.rows[int(j)] for j in batch["id"]]
+
+
+def train_online(cfg: OnlineDPOConfig) -> dict:
+    """Run online DPO to the end; returns final metrics, the model dir and the checkpoint."""
+    prompts = Prompts(cfg)  # every prompt row checked before anything starts
+    if cfg.judge is None:
+        check_reward_sources(cfg.reward_sources)
+    else:
+        from rayalign.models.loading import _check_exists
+
+        _check_exists(cfg.judge.model_name_or_path, "judge.model_name_or_path")
+        if cfg.missing_eos_penalty is not None:
+            raise ConfigError("missing_eos_penalty: it is subtracted from reward scores; a judge gives none")
+    backend = resolve_backend(cfg.rollout.backend)
+    if cfg.resume_from_checkpoint:
+        ckpt.verify_checkpoint(ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint))
+    ensure_ray(cfg.ray.address, _num_cpus(cfg), cfg.ray.namespace)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * prompts.steps_per_epoch)
+    failures, resume = 0, cfg.resume_from_checkpoint
+    while True:
+        try:
+            return _attempt(cfg, prompts, backend, total_steps, resume, failures)
+        except ActorFailure as exc:
+            failures += 1
+            if failures > cfg.max_failures:
+                raise ActorFailure(f"{exc}; giving up after {failures} failure(s) "
+                                   f"(max_failures={cfg.max_failures})") from exc
+            resume = "latest" if ckpt.list_checkpoints(cfg.output_dir) else None
+            logger.warning("actor failure %d of max_failures=%d (%s): restarting from %s", failures,
+                           cfg.max_failures, exc, resume or "step 0")
+
+
+def _num_cpus(cfg: OnlineDPOConfig) -> int:
+    if cfg.ray.num_cpus is not None:
+        return cfg.ray.num_cpus
+    need = cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
+    need += cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
+    if cfg.reference_mode == "actor":
+        need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
+    need += sum(cfg.scoring.num_cpus_per_actor for s in cfg.reward_sources if ":" not in s)
+    if cfg.judge is not None:
+        need += cfg.judge.num_cpus
+    import os
+
+    return int(max(os.cpu_count() or 1, math.ceil(need) + 1))
+
+
+class Step:
+    """What one online step produced (kept for the completions table)."""
+
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+        self.table: list[dict] = []
+
+
+def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: int, resume, recoveries) -> dict:
+    groups: list[ActorGroup] = []
+    scorer = judge = batches = None
+    try:
+        references = None
+        if cfg.reference_mode == "actor":
+            references = ActorGroup(Reference, GroupSpec("reference", cfg.reference.num_actors,
+                                                         cfg.reference.num_cpus_per_actor,
+                                                         cfg.reference.num_gpus_per_actor),
+                                    args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s)
+            groups.append(references)
+        learners = ActorGroup(PolicyLearner, GroupSpec("learner", cfg.learner.num_actors,
+                                                       cfg.learner.num_cpus_per_actor,
+                                                       cfg.learner.num_gpus_per_actor),
+                              args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s)
+        groups.append(learners)
+        rcfg = cfg.rollout
+        rollouts = ActorGroup(Rollout, GroupSpec("rollout", rcfg.num_actors, rcfg.num_cpus_per_actor,
+                                                 rcfg.num_gpus_per_actor),
+                              args=(cfg.model_name_or_path, rcfg, backend, cfg.tokenizer_path,
+                                    rcfg.max_model_len or cfg.max_length, cfg.trust_remote_code, cfg.bf16),
+                              env_vars=actor_env(rcfg), placement_timeout_s=cfg.ray.placement_timeout_s)
+        groups.append(rollouts)
+        if cfg.judge is not None:
+            judge, judge_group = build_judge(cfg.judge, max_length=cfg.max_length,
+                                             trust_remote_code=cfg.trust_remote_code)
+            groups.append(judge_group)
+        else:
+            scorer = RewardSources(cfg.reward_sources, cfg.reward_weights, cfg.scoring, cfg.max_length,
+                                   cfg.trust_remote_code)
+
+        learners.init_distributed(common.backend(cfg), cfg.learner.collective_timeout_s)
+        ref_handles = [references.actors[i % len(references)] if references else None for i in range(len(learners))]
+        info = learners.scatter("setup", [(total_steps, h) for h in ref_handles])[0]
+        logger.info("learners ready: %s; rollout backend %s x %d: %s", info, backend, len(rollouts),
+                    rollouts.call("ready", timeout=rcfg.generate_timeout_s))
+
+        state: dict[str, Any] = {"step": 0, "log_history": []}
+        if resume:
+            path = ckpt.resolve_checkpoint(cfg.output_dir, resume)
+            local = ckpt.download_checkpoint(path, common.staging_root(cfg))
+            learners.call("load", local)
+            state = ckpt.load_trainer_state(local)
+            logger.info("resumed from %s at step %d", path, state["step"])
+        files = storage.RunFiles(cfg.output_dir)
+        if resume:
+            files.pull()
+        tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to, run_name=cfg.logging.run_name,
+                                project=cfg.logging.project, config_dict=to_dict(cfg))
+        tracker.truncate_after(state["step"])
+        if recoveries:
+            tracker.log({"recoveries": recoveries}, step=state["step"])
+        sync = WeightSync(cfg, learners, rollouts, info_vocab=_vocab_size(cfg))
+        sync.push(version=state["step"])  # engines start from the learner's (restored) weights
+        progress = ProgressReporter(total_steps, enabled=cfg.logging.progress_bar, desc="rayalign online-dpo")
+        rng = random.Random(cfg.seed * 7919 + state["step"])
+        sampling = sampling_from_config(cfg, n=2)
+        log_every = cfg.log_completions_steps or cfg.logging_steps
+
+        interval: list[dict] = []
+        final_eval: dict = {}
+        t0 = time.time()
+        epoch = None
+        for step in range(state["step"], total_steps):
+            step_epoch, in_epoch = divmod(step, prompts.steps_per_epoch)
+            if step_epoch != epoch:
+                if batches is not None:
+                    batches.close()
+                epoch, batches = step_epoch, prompts.epoch_batches(step_epoch, in_epoch)
+            rows = next(batches)
+            result = _online_step(cfg, rows, step, prompts.conversational, rollouts, learners, scorer, judge,
+                                  sampling, sync, rng, cfg.beta_for_epoch(step_epoch))
+            interval.append(result.metrics)
+            done = step + 1
+            if cfg.log_completions and (done % log_every == 0 or done == total_steps):
+                tracker.log_table("completions", result.table[: cfg.num_completions_to_log], done)
+            if done % cfg.logging_steps == 0 or done == total_steps:
+                metrics = {**average_metrics(interval), "epoch": done / prompts.steps_per_epoch}
+                tracker.log(metrics, step=done)
+                state["log_history"].append({"step": done, **metrics})
+                interval = []
+                progress.update(done, metrics, samples=done * cfg.prompts_per_step * 2)
+                files.sync(("metrics.jsonl",))
+            if prompts.eval_rows and cfg.eval_steps and done % cfg.eval_steps == 0:
+                final_eval = evaluate(cfg, prompts, rollouts, scorer, tracker, done)
+                state["log_history"].append({"step": done, **final_eval})
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+                common.save(cfg, learners, {**state, "step": done, "epoch": done / prompts.steps_per_epoch},
+                            name=f"checkpoint-{done}", metrics=final_eval)
+                files.sync()
+        elapsed = time.time() - t0
+        steps_run = total_steps - state["step"]
+        if prompts.eval_rows and (not cfg.eval_steps or total_steps % cfg.eval_steps != 0):
+            final_eval = evaluate(cfg, prompts, rollouts, scorer, tracker, total_steps)
+        final_state = {**state, "step": total_steps, "epoch": total_steps / prompts.steps_per_epoch}
+        common.save(cfg, learners, final_state, name=f"checkpoint-{total_steps}", metrics=final_eval)
+        model_dir = common.publish_final(cfg, total_steps, final_eval)
+        throughput = {"train_runtime": elapsed,
+                      "train_samples_per_second": steps_run * cfg.prompts_per_step * 2 / max(elapsed, 1e-9),
+                      "train_steps_per_second": steps_run / max(elapsed, 1e-9)}
+        tracker.log(throughput, step=total_steps)
+        tracker.close()
+        progress.close()
+        plot_metrics(f"{files.local_dir}/metrics.jsonl", files.local_dir, keys=PLOT_KEYS)
+        files.sync(extra=("metrics.png",))
+        train_logs = [h for h in state["log_history"] if "loss" in h]
+        return {"metrics": {**(train_logs[-1] if train_logs else {}), **final_eval, **throughput},
+                "model_dir": model_dir, "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}",
+                "total_steps": total_steps, "backend": backend, "history": state["log_history"]}
+    finally:
+        if batches is not None:  # an open Ray Data iterator outliving Ray would re-init it at exit
+            batches.close()
+        if scorer is not None:
+            scorer.shutdown()
+        for group in groups:
+            group.shutdown()
+
+
+def _vocab_size(cfg: OnlineDPOConfig) -> int:
+    return len(load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code))
+
+
+def generate(rollouts: ActorGroup, prompt_ids: list[list[int]], sampling: dict, seed: int, version: int,
+             timeout: float) -> list[list[dict]]:
+    """Split prompts over the rollout actors; every part must carry weight `version`."""
+    parts = [list(p) for p in np.array_split(np.arange(len(prompt_ids)), len(rollouts)) if len(p)]
+    refs = [rollouts.actors[i].generate.remote([prompt_ids[j] for j in part], sampling, seed + 7919 * i)
+            for i, part in enumerate(parts)]
+    results = rollouts.get(refs, timeout)
+    return check_versions(results, version)
+
+
+def check_versions(results: list[dict], version: int) -> list[list[dict]]:
+    """Concatenate rollout results, rejecting any sampled with other weights than `version`."""
+    stale = [(r["rank"], r["version"]) for r in results if r["version"] != version]
+    if stale:
+        raise StaleRolloutError(f"rollout results from weight versions {stale} (actor rank, version); "
+                                f"the learner is at version {version}: a weight push was lost")
+    return [c for r in results for c in r["completions"]]
+
+
+def _online_step(cfg, rows, step, conversational, rollouts, learners, scorer, judge, sampling, sync, rng, beta) -> Step:
+    out = Step()
+    t = time.time()
+    completions = generate(rollouts, [r["prompt_ids"] for r in rows], sampling,
+                           seed=cfg.seed * 1_000_003 + step * 104_729, version=sync.version,
+                           timeout=cfg.rollout.generate_timeout_s)
+    out.metrics["timing/generate_s"] = time.time() - t
+
+    t = time.time()
+    n = len(rows)
+    prompts = [r["prompt"] for r in rows]
+    flat = [c for pair in completions for c in pair]  # prompt-major: (p0 a, p0 b, p1 a, ...)
+    texts = [_as_completion(c["text"], conversational) for c in flat]
+    eos = np.array([c["eos"] for c in flat])
+    scores = None
+    if scorer is not None:
+        extra = {k: [r.get(k) for r in rows for _ in range(2)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+        total, per_source = scorer.score([p for p in prompts for _ in range(2)], texts,
+                                         [c["token_ids"] for c in flat], eos.tolist(), cfg.missing_eos_penalty,
+                                         **extra)
+        scores = total.reshape(n, 2)
+        first_wins = scores[:, 0] >= scores[:, 1]  # TRL: ties go to the first sample
+        out.metrics.update(per_source)
+        out.metrics["objective/scores"] = float(total.mean())
+    else:
+        answers = judge_pairs(judge, prompts, [(texts[2 * i], texts[2 * i + 1]) for i in range(n)],
+                              shuffle_order=cfg.judge.shuffle_order, rng=rng)
+        ties = [a < 0 for a in answers]
+        first_wins = np.array([(rng.random() < 0.5) if a < 0 else a == 0 for a in answers])
+        out.metrics["judge/ties"] = float(np.mean(ties))
+    out.metrics["timing/score_s"] = time.time() - t
+
+    pairs = []
+    for i, (row, pair) in enumerate(zip(rows, completions)):
+        c, r = (0, 1) if first_wins[i] else (1, 0)
+        item = {"prompt_ids": row["prompt_ids"], "chosen_ids": pair[c]["token_ids"],
+                "rejected_ids": pair[r]["token_ids"]}
+        if scores is not None:
+            item["chosen_score"], item["rejected_score"] = float(scores[i, c]), float(scores[i, r])
+        pairs.append(item)
+        if len(out.table) < cfg.num_completions_to_log:
+            out.table.append({"prompt": _as_text(row["prompt"]), "chosen": pair[c]["text"],
+                              "rejected": pair[r]["text"],
+                              "chosen_score": item.get("chosen_score"), "rejected_score": item.get("rejected_score")})
+    if scores is not None:
+        out.metrics["objective/scores_margin"] = float(np.mean([p["chosen_score"] - p["rejected_score"] for p in pairs]))
+    out.metrics["val/contain_eos_token"] = float(eos.mean())
+
+    t = time.time()
+    per = len(pairs) // len(learners)
+    results = learners.scatter("train_pairs", [(pairs[i * per:(i + 1) * per], beta) for i in range(len(learners))],
+                               timeout=cfg.learner.collective_timeout_s)
+    out.metrics.update(average_metrics(results))
+    out.metrics["timing/train_s"] = time.time() - t
+    out.metrics.update(sync.push(version=step + 1))
+    return out
+
+
+def _as_completion(text: str, conversational: bool):
+    return [{"role": "assistant", "content": text}] if conversational else text
+
+
+def _as_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
+
+
+class WeightSync:
+    """Pushes the learner's weights to every rollout actor and checks what they loaded."""
+
+    def __init__(self, cfg: OnlineDPOConfig, learners: ActorGroup, rollouts: ActorGroup, info_vocab: int):
+        self.cfg = cfg
+        self.learners = learners
+        self.rollouts = rollouts
+        self.version = -1
+        self.probe = weights_lib.probe_ids(info_vocab) if cfg.rollout.verify_weights else None
+
+    def push(self, version: int) -> dict[str, float]:
+        rcfg = self.cfg.rollout
+        t = time.time()
+        export = self.learners.call("export_weights", self.probe, timeout=self.cfg.learner.collective_timeout_s)[0]
+        t_export = time.time() - t
+        refs = [a.update_weights.remote(export["state"][0], version) for a in self.rollouts.actors]
+        try:
+            loaded = self.rollouts.get(refs, rcfg.weight_sync_timeout_s)
+        except TimeoutError as exc:
+            raise WeightSyncError(f"rollout: pushing weight version {version} to {len(refs)} actor(s) did not "
+                                  f"finish within rollout.weight_sync_timeout_s={rcfg.weight_sync_timeout_s}s") from exc
+        seconds = time.time() - t
+        metrics = {"sync/weight_sync_s": seconds, "sync/export_s": t_export, "sync/version": float(version)}
+        if rcfg.verify_weights:
+            metrics.update(self.verify(export, loaded, version))
+        self.version = version
+        return metrics
+
+    def verify(self, export: dict, loaded: list[dict], version: int) -> dict[str, float]:
+        for item in loaded:
+            if item["version"] != version:
+                raise WeightSyncError(f"rollout {item['rank']}: reports version {item['version']} after a push of "
+                                      f"version {version}")
+            if not weights_lib.fingerprints_match(item["fingerprint"], export["fingerprint"]):
+                raise WeightSyncError(f"rollout {item['rank']}: loaded weights differ from the learner's at version "
+                                      f"{version}: {item['fingerprint']} != {export['fingerprint']}")
+        probes = self.rollouts.call("probe", self.probe, timeout=self.cfg.rollout.weight_sync_timeout_s)
+        worst = max(max(abs(a - b) for a, b in zip(p, export["probe"])) for p in probes)
+        if worst > self.cfg.rollout.probe_tolerance:
+            raise WeightSyncError(f"rollout engines compute log-probs up to {worst:.2e} away from the learner's "
+                                  f"after the push of version {version} (rollout.probe_tolerance="
+                                  f"{self.cfg.rollout.probe_tolerance}): the engine is not using the pushed weights")
+        return {"sync/probe_max_abs_diff": float(worst)}
+
+
+def evaluate(cfg: OnlineDPOConfig, prompts: Prompts, rollouts: ActorGroup, scorer, tracker, step: int) -> dict:
+    """Greedy completions for the eval prompts, scored by the reward sources."""
+    rows = prompts.eval_rows
+    sampling = {**sampling_from_config(cfg, n=1), "temperature": 0.0}
+    completions = generate(rollouts, [r["prompt_ids"] for r in rows], sampling, seed=cfg.seed, version=step,
+                           timeout=cfg.rollout.generate_timeout_s)
+    flat = [c[0] for c in completions]
+    metrics = {"eval_val/contain_eos_token": float(np.mean([c["eos"] for c in flat]))}
+    if scorer is not None:
+        texts = [_as_completion(c["text"], prompts.conversational) for c in flat]
+        extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+        total, _ = scorer.score([r["prompt"] for r in rows], texts, [c["token_ids"] for c in flat],
+                                [c["eos"] for c in flat], None, **extra)
+        metrics["eval_objective/scores"] = float(total.mean())
+    tracker.log(metrics, step=step)
+    logger.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    return metrics

@@ -1,0 +1,99 @@
+"""Weight transfer helpers shared by the learner and the rollout engines.
+
+* `export_state_dict`: the policy's full weights under the base model's names; a LoRA
+  policy's adapter deltas are added into a copy (the learner's model is never merged).
+* `fingerprint`: order- and layout-independent moments of a set of tensors (vLLM fuses
+  q/k/v and pads the vocabulary, so a byte hash of HF-named tensors would not compare).
+  Two fingerprints match when the same float values were loaded.
+* `probe_logprobs`: log-probs of a fixed token sequence; the rollout engine computes the
+  same numbers, which shows the weights it *uses* are the learner's (vLLM on CPU repacks
+  its linear weights into kernels that cannot be read back).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+PROBE_LENGTH = 24
+
+
+def export_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the weights a serving engine loads. Tied tensors stay one object."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()
+    if isinstance(module, PeftModel):
+        return _merged_lora_state_dict(module)
+    return _dedup_copy(module.state_dict())
+
+
+def _dedup_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    copies: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        key = tensor.data_ptr()
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
+@torch.no_grad()
+def _merged_lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """W + scale * B @ A for every LoRA layer, computed into new tensors."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    adapter = peft_model.active_adapter
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0]
+    merged: dict[str, torch.Tensor] = {}
+    for name, mod in base.named_modules():
+        if isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_A", {}):
+            weight = mod.get_base_layer().weight
+            merged[f"{name}.weight"] = (weight + mod.get_delta_weight(adapter).to(weight.dtype)).detach().cpu()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in _dedup_copy(base.state_dict()).items():
+        if "lora_" in key:
+            continue
+        clean = key.replace(".base_layer.", ".")
+        out[clean] = merged.get(clean, tensor)
+    return out
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Sum, sum of squares and sum of cubes in float64 over every distinct tensor."""
+    seen: set[int] = set()
+    s1 = s2 = s3 = 0.0
+    for t in tensors:
+        if t is None or t.numel() == 0 or id(t) in seen:
+            continue
+        seen.add(id(t))
+        x = t.detach().to("cpu", torch.float64)
+        s1 += float(x.sum())
+        s2 += float((x * x).sum())
+        s3 += float((x * x * x).sum())
+    return {"sum": s1, "sumsq": s2, "sumcube": s3}
+
+
+def fingerprints_match(a: dict[str, float], b: dict[str, float], rtol: float = 1e-9) -> bool:
+    return all(math.isclose(a[k], b[k], rel_tol=rtol, abs_tol=rtol) for k in ("sum", "sumsq", "sumcube"))
+
+
+def probe_ids(vocab_size: int, length: int = PROBE_LENGTH) -> list[int]:
+    """A fixed token sequence spread over the vocabulary (the same on every process)."""
+    step = max(1, vocab_size // (length + 1))
+    return [(7 + i * step) % vocab_size for i in range(length)]
+
+
+@torch.no_grad()
+def probe_logprobs(model, ids: list[int]) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1 under an HF causal LM."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+    logps = logits.log_softmax(-1)
+    return [float(logps[t - 1, ids[t]]) for t in range(1, len(ids))]

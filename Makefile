@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rayalign demo --output_dir outputs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --timeout=900 tests
+	RAYALIGN_REQUIRE_VLLM=1 $(PY) -m pytest -q -ra --timeout=900 tests
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -474,6 +474,9 @@ class OnlineDPOConfig(TrainConfig):
         if self.judge is not None and n_rewards:
             raise ConfigError("judge: give either a judge or reward_funcs/reward_model_path, not both "
                               f"(got judge.type={self.judge.type} and {n_rewards} reward source(s))")
+        if self.judge is not None and self.missing_eos_penalty is not None:
+            raise ConfigError("missing_eos_penalty: it is subtracted from reward scores; a judge gives none "
+                              "(unset it, or rank with reward_funcs / reward_model_path)")
         if self.judge is None and not n_rewards:
             raise ConfigError("reward_funcs: online DPO needs a way to rank samples: set reward_funcs "
                               "(module:function or reward-model paths), reward_model_path, or judge")

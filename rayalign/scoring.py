@@ -119,10 +119,10 @@ class RewardSources:
 # ----------------------------------------------------------------------------- judges
 
 _ANSWER_PATTERNS = [
-    re.compile(r"^\s*\(?\s*([01])\s*\)?\s*(?:[.:,!]|$|\s)"),  # "0", "1.", "(1)" at the start
+    re.compile(r"^\s*\(?\s*([01])\s*\)?\s*(?:[.:,!](?!\d)|$|\s)"),  # "0", "1.", "(1)" leading (not "0.5")
     re.compile(r"\b(?:response|answer|output|completion)\s*#?\s*([01])\b", re.I),
-    re.compile(r"^\s*\(?([AB])\)?\s*(?:[.:,!]|$|\s)"),  # "A" / "B" at the start
-    re.compile(r"\b(?:response|answer|output|completion)\s*\(?([AB])\)?\b"),
+    re.compile(r"^\s*\(?([AB])\)?\s*(?:[.:,!)](?!\w)|$|(?:is|wins)\b)"),  # "A", "(B).", "B is" (not "A tie")
+    re.compile(r"\b(?:response|answer|output|completion)\s*\(?([AB])\)?(?!\w)", re.I),
     re.compile(r"\b(first|second)\b", re.I),
     re.compile(r"(?<![\d.])([01])(?![\d.])"),  # a lone 0 or 1 anywhere
 ]

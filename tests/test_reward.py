@@ -51,15 +51,9 @@ def test_reward_loss_and_metrics_equal_trl(tiny_model_dir, demo_data_dir, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def sft_model(ray_local, tiny_model_dir, demo_data_dir, tmp_path_factory):
+def sft_model(sft_model_dir):
     """The tiny model after a short SFT on the demo task (a reward model starts from it)."""
-    out = tmp_path_factory.mktemp("sft") / "model"
-    rayalign.train_sft({
-        "model_name_or_path": tiny_model_dir, "train_dataset": f"{demo_data_dir}/sft_train.jsonl",
-        "output_dir": str(out), "max_steps": 300, "per_device_train_batch_size": 32, "learning_rate": 3e-3,
-        "lr_scheduler_type": "cosine", "logging_steps": 50, "max_length": 64, "logging": {"progress_bar": False},
-        "learner": {"num_actors": 1, "num_cpus_per_actor": 1}})
-    return str(out)
+    return sft_model_dir
 
 
 @pytest.mark.slow

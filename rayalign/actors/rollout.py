@@ -103,6 +103,7 @@ class Rollout:
         else:
             raise ValueError(f"rollout backend {backend!r}: expected vllm or hf")
         self._fingerprint: dict | None = None
+        self._sync: tuple | None = None  # nccl weight sync: (group kind, group), see open_weight_sync
 
     def ready(self) -> dict:
         return {"backend": self.backend, "rank": self.rank, "version": self.version}
@@ -143,6 +144,31 @@ class Rollout:
 
     def get_version(self) -> int:
         return self.version
+
+    # ------------------------------------------------- nccl weight sync (rayalign/weight_sync.py)
+
+    def open_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int, kind: str,
+                         timeout_s: float) -> None:
+        """Join the broadcast group whose rank 0 is learner rank 0 (this engine's processes
+        take ranks rank_offset..)."""
+        from rayalign import weight_sync
+
+        self._sync = (kind, weight_sync.open_receiver(self.engine, kind, host, port, world_size, rank_offset,
+                                                      timeout_s))
+
+    def receive_weights(self, meta: list[dict], version: int) -> dict:
+        """update_weights over the group: receive the tensors `meta` lists (name, dtype,
+        shape, in send order) while learner rank 0 broadcasts them, and adopt `version`."""
+        from rayalign import weight_sync
+
+        if self._sync is None:
+            raise WeightSyncError(f"rollout {self.rank}: receive_weights before open_weight_sync")
+        t0 = time.time()
+        kind, group = self._sync
+        self._fingerprint = weight_sync.receive(self.engine, kind, group, meta, version)
+        self.version = int(version)
+        return {"version": self.version, "fingerprint": self._fingerprint, "seconds": time.time() - t0,
+                "rank": self.rank}
 
 
 def _eos_ids(tokenizer, model_path: str) -> set[int]:
@@ -220,12 +246,16 @@ class _HFEngine:
 
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor]) -> dict:
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # Checked before anything is copied: a rejected push must leave the engine as it was.
+        own = self.model.state_dict()
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
+        missing = [k for k in own if k not in state and k not in tied]
+        unexpected = [k for k in state if k not in own]
+        misshapen = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or misshapen:
             raise WeightSyncError(f"rollout (hf): pushed weights do not fit the model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+                                  f"unexpected {unexpected[:5]}, wrong shape {misshapen[:5]}")
+        self.model.load_state_dict(state, strict=False)
         return self.fingerprint()
 
     def fingerprint(self) -> dict:
@@ -265,6 +295,8 @@ class _VLLMEngine:
                  bf16: bool, tokenizer):
         from vllm import LLM
 
+        from rayalign.weight_sync import vllm_engine_kwargs  # nccl: vLLM's weight-transfer engine
+
         self.tokenizer = tokenizer
         self.rcfg = rcfg
         on_cpu = rcfg.num_gpus_per_actor == 0
@@ -272,7 +304,7 @@ class _VLLMEngine:
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, enforce_eager=rcfg.enforce_eager,
                        gpu_memory_utilization=rcfg.gpu_memory_utilization, max_model_len=max_model_len,
                        tensor_parallel_size=rcfg.tensor_parallel_size, trust_remote_code=trust_remote_code,
-                       seed=0, skip_tokenizer_init=False)
+                       seed=0, skip_tokenizer_init=False, **vllm_engine_kwargs(rcfg))
         self.in_process = rcfg.tensor_parallel_size == 1
 
     def _params(self, sampling: dict, seed: int | None):

@@ -13,8 +13,10 @@ DPO step; the new weights (version v+1) are pushed to every rollout actor and ch
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import time
 from typing import Any
@@ -24,17 +26,18 @@ import ray
 
 from rayalign import checkpoint as ckpt
 from rayalign import storage
+from rayalign import weight_sync as weight_sync_lib
 from rayalign.actors.group import ActorFailure, ActorGroup, GroupSpec, ensure_ray
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
 from rayalign.actors.rollout import (Rollout, StaleRolloutError, WeightSyncError, actor_env, resolve_backend,
                                      sampling_from_config)
-from rayalign.config import ConfigError, OnlineDPOConfig, to_dict
+from rayalign.config import OnlineDPOConfig, to_dict
 from rayalign.data import DataError, load_prompt_rows
 from rayalign.drivers import common
 from rayalign.models import weights as weights_lib
 from rayalign.models.loading import load_tokenizer
-from rayalign.scoring import RewardSources, build_judge, check_reward_sources, judge_pairs
+from rayalign.scoring import RewardSources, build_judge, check_reward_sources, is_function_spec, judge_pairs
 from rayalign.tracking import MetricsLogger, ProgressReporter, average_metrics, plot_metrics
 
 logger = logging.getLogger("rayalign")
@@ -83,8 +86,6 @@ def train_online(cfg: OnlineDPOConfig) -> dict:
         from rayalign.models.loading import _check_exists
 
         _check_exists(cfg.judge.model_name_or_path, "judge.model_name_or_path")
-        if cfg.missing_eos_penalty is not None:
-            raise ConfigError("missing_eos_penalty: it is subtracted from reward scores; a judge gives none")
     backend = resolve_backend(cfg.rollout.backend)
     if cfg.resume_from_checkpoint:
         ckpt.verify_checkpoint(ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint))
@@ -111,11 +112,9 @@ def _num_cpus(cfg: OnlineDPOConfig) -> int:
     need += cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
     if cfg.reference_mode == "actor":
         need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
-    need += sum(cfg.scoring.num_cpus_per_actor for s in cfg.reward_sources if ":" not in s)
+    need += sum(cfg.scoring.num_cpus_per_actor for s in cfg.reward_sources if not is_function_spec(s))
     if cfg.judge is not None:
         need += cfg.judge.num_cpus
-    import os
-
     return int(max(os.cpu_count() or 1, math.ceil(need) + 1))
 
 
@@ -143,7 +142,7 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
                                                        cfg.learner.num_gpus_per_actor),
                               args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s)
         groups.append(learners)
-        rcfg = cfg.rollout
+        rcfg = weight_sync_lib.resolved_rollout_config(cfg, backend)  # engines must know: nccl or not
         rollouts = ActorGroup(Rollout, GroupSpec("rollout", rcfg.num_actors, rcfg.num_cpus_per_actor,
                                                  rcfg.num_gpus_per_actor),
                               args=(cfg.model_name_or_path, rcfg, backend, cfg.tokenizer_path,
@@ -179,7 +178,8 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
         tracker.truncate_after(state["step"])
         if recoveries:
             tracker.log({"recoveries": recoveries}, step=state["step"])
-        sync = WeightSync(cfg, learners, rollouts, info_vocab=_vocab_size(cfg))
+        sync = WeightSync(cfg, learners, rollouts, info_vocab=_vocab_size(cfg), log_dir=files.local_dir,
+                          mode=rcfg.weight_sync)
         sync.push(version=state["step"])  # engines start from the learner's (restored) weights
         progress = ProgressReporter(total_steps, enabled=cfg.logging.progress_bar, desc="rayalign online-dpo")
         rng = random.Random(cfg.seed * 7919 + state["step"])
@@ -204,12 +204,13 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
             if cfg.log_completions and (done % log_every == 0 or done == total_steps):
                 tracker.log_table("completions", result.table[: cfg.num_completions_to_log], done)
             if done % cfg.logging_steps == 0 or done == total_steps:
-                metrics = {**average_metrics(interval), "epoch": done / prompts.steps_per_epoch}
+                metrics = {**average_metrics(interval), "epoch": done / prompts.steps_per_epoch,
+                           "sync/version": float(sync.version)}
                 tracker.log(metrics, step=done)
                 state["log_history"].append({"step": done, **metrics})
                 interval = []
                 progress.update(done, metrics, samples=done * cfg.prompts_per_step * 2)
-                files.sync(("metrics.jsonl",))
+                files.sync(("metrics.jsonl", "weight_sync.jsonl"))
             if prompts.eval_rows and cfg.eval_steps and done % cfg.eval_steps == 0:
                 final_eval = evaluate(cfg, prompts, rollouts, scorer, tracker, done)
                 state["log_history"].append({"step": done, **final_eval})
@@ -231,7 +232,7 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
         tracker.close()
         progress.close()
         plot_metrics(f"{files.local_dir}/metrics.jsonl", files.local_dir, keys=PLOT_KEYS)
-        files.sync(extra=("metrics.png",))
+        files.sync(extra=("metrics.png", "weight_sync.jsonl"))
         train_logs = [h for h in state["log_history"] if "loss" in h]
         return {"metrics": {**(train_logs[-1] if train_logs else {}), **final_eval, **throughput},
                 "model_dir": model_dir, "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}",
@@ -337,32 +338,81 @@ def _as_text(prompt) -> str:
 
 
 class WeightSync:
-    """Pushes the learner's weights to every rollout actor and checks what they loaded."""
+    """Pushes the learner's weights to every rollout actor and checks what they loaded.
 
-    def __init__(self, cfg: OnlineDPOConfig, learners: ActorGroup, rollouts: ActorGroup, info_vocab: int):
+    Each push appends one line to `<output_dir>/weight_sync.jsonl`: the version, the
+    checksum (fingerprint) the learner exported and the one each engine reports for what
+    it loaded, the probe log-prob gap, and the seconds taken — an audit trail of which
+    weights sampled every step."""
+
+    def __init__(self, cfg: OnlineDPOConfig, learners: ActorGroup, rollouts: ActorGroup, info_vocab: int,
+                 log_dir: str, mode: str = "object_store"):
         self.cfg = cfg
         self.learners = learners
         self.rollouts = rollouts
         self.version = -1
         self.probe = weights_lib.probe_ids(info_vocab) if cfg.rollout.verify_weights else None
+        self.log_path = os.path.join(log_dir, "weight_sync.jsonl")
+        self.mode = mode  # resolved rollout.weight_sync: object_store or nccl
+        if mode == "nccl":
+            self._open_group()
 
     def push(self, version: int) -> dict[str, float]:
         rcfg = self.cfg.rollout
         t = time.time()
-        export = self.learners.call("export_weights", self.probe, timeout=self.cfg.learner.collective_timeout_s)[0]
-        t_export = time.time() - t
-        refs = [a.update_weights.remote(export["state"][0], version) for a in self.rollouts.actors]
-        try:
-            loaded = self.rollouts.get(refs, rcfg.weight_sync_timeout_s)
-        except TimeoutError as exc:
-            raise WeightSyncError(f"rollout: pushing weight version {version} to {len(refs)} actor(s) did not "
-                                  f"finish within rollout.weight_sync_timeout_s={rcfg.weight_sync_timeout_s}s") from exc
+        if self.mode == "nccl":
+            export, loaded, t_export = self._push_nccl(version)
+        else:
+            export = self.learners.call("export_weights", self.probe,
+                                        timeout=self.cfg.learner.collective_timeout_s)[0]
+            t_export = time.time() - t
+            refs = [a.update_weights.remote(export["state"][0], version) for a in self.rollouts.actors]
+            try:
+                loaded = self.rollouts.get(refs, rcfg.weight_sync_timeout_s)
+            except TimeoutError as exc:
+                raise WeightSyncError(f"rollout: pushing weight version {version} to {len(refs)} actor(s) did not "
+                                      f"finish within rollout.weight_sync_timeout_s={rcfg.weight_sync_timeout_s}s"
+                                      ) from exc
         seconds = time.time() - t
-        metrics = {"sync/weight_sync_s": seconds, "sync/export_s": t_export, "sync/version": float(version)}
+        metrics = {"sync/weight_sync_s": seconds, "sync/export_s": t_export}
         if rcfg.verify_weights:
             metrics.update(self.verify(export, loaded, version))
         self.version = version
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"version": version, "seconds": seconds, "export_s": t_export,
+                                "learner": export["fingerprint"], "rollouts": [x["fingerprint"] for x in loaded],
+                                "probe_max_abs_diff": metrics.get("sync/probe_max_abs_diff")}) + "\n")
         return metrics
+
+    # ---------------------------------------------- weight_sync=nccl (rayalign/weight_sync.py)
+
+    def _open_group(self) -> None:
+        """Once: learner rank 0 publishes host:port and becomes rank 0 of a broadcast group;
+        every engine's receiving processes follow in actor order (a vLLM engine's
+        tensor_parallel_size workers, one per HF actor)."""
+        timeout = self.cfg.rollout.weight_sync_timeout_s
+        backend = self.rollouts.call("ready", timeout=timeout)[0]["backend"]
+        kind = weight_sync_lib.group_kind(backend, self.cfg)
+        ranks = self.cfg.rollout.tensor_parallel_size if backend == "vllm" else 1
+        world = 1 + ranks * len(self.rollouts)
+        host, port = ray.get(self.learners.actors[0].node_address.remote(), timeout=timeout)
+        calls = [("learner 0", self.learners.actors[0].open_weight_sync.remote(host, port, world, kind, timeout))]
+        calls += [(f"rollout {i}", a.open_weight_sync.remote(host, port, world, 1 + i * ranks, kind, timeout))
+                  for i, a in enumerate(self.rollouts.actors)]
+        weight_sync_lib.wait_all(calls, timeout, f"opening the {kind} weight-sync group ({world} ranks)")
+
+    def _push_nccl(self, version: int) -> tuple[dict, list[dict], float]:
+        """Names, dtypes and shapes go through Ray first; then learner rank 0 broadcasts
+        while every engine receives, all waited on with rollout.weight_sync_timeout_s."""
+        t = time.time()
+        export = self.learners.call("prepare_weights", self.probe, timeout=self.cfg.learner.collective_timeout_s)[0]
+        t_export = time.time() - t
+        calls = [("learner 0", self.learners.actors[0].broadcast_weights.remote())]
+        calls += [(f"rollout {i}", a.receive_weights.remote(export["meta"], version))
+                  for i, a in enumerate(self.rollouts.actors)]
+        results = weight_sync_lib.wait_all(calls, self.cfg.rollout.weight_sync_timeout_s,
+                                           f"pushing weight version {version}")
+        return export, results[1:], t_export
 
     def verify(self, export: dict, loaded: list[dict], version: int) -> dict[str, float]:
         for item in loaded:

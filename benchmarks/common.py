@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from typing import Callable
 
 import torch
 
 
-def setup(prefix: str) -> tuple[argparse.Namespace, str, str, str]:
-    """Parse --steps/--batch, pin 2 threads, build the tiny model and the demo preference
-    data in a fresh temp dir; returns (args, temp dir, model dir, train file)."""
+def setup(prefix: str, steps: int = 200, batch: int = 8,
+          add_args: Callable[[argparse.ArgumentParser], None] | None = None
+          ) -> tuple[argparse.Namespace, str, str, str]:
+    """Parse --steps/--batch (and whatever `add_args` adds), pin 2 threads, build the tiny
+    model and the demo data (preference, SFT and prompt files side by side) in a fresh temp
+    dir; returns (args, temp dir, model dir, preference train file)."""
     from rayalign.demo.task import write_demo_data
     from rayalign.models.tiny import build_tiny_model
 
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=batch)
+    if add_args is not None:
+        add_args(p)
     args = p.parse_args()
     torch.set_num_threads(2)
     tmp = tempfile.mkdtemp(prefix=prefix)

@@ -1,7 +1,8 @@
 """rayalign: Ray-native preference optimisation (DPO, reward models, online DPO) for causal LMs.
 
 Python API mirroring the CLI: `train_sft`, `train_dpo`, `train_reward`, `train_online_dpo` take a config
-(dataclass, dict or YAML path) and return the final metrics and the model directory.
+(dataclass, dict or YAML path) and return the final metrics and the model directory; `evaluate`
+takes an eval config the same way and returns its summary.
 """
 
 from __future__ import annotations
@@ -49,3 +50,12 @@ def train_online_dpo(config, overrides=None) -> dict:
     from rayalign.drivers.online import train_online
 
     return train_online(_config(OnlineDPOConfig, config, overrides))
+
+
+def evaluate(config, overrides=None) -> dict:
+    """Eval job on Ray: sample from each model or checkpoint, score with a checker, a reward
+    model and/or a pairwise judge; returns the summary written to `<output_dir>/summary.json`."""
+    from rayalign.config import EvalConfig
+    from rayalign.drivers.evaluate import evaluate as run
+
+    return run(_config(EvalConfig, config, overrides))

@@ -8,6 +8,7 @@
     rayalign online-dpo --config jobs/online-dpo-tiny.yaml   # sample, score, DPO step, push weights
     rayalign demo   --output_dir outputs/demo     # tiny model -> SFT -> reward -> DPO, with correctness
     rayalign sweep  --config jobs/sweep-dpo-tiny.yaml   # Ray Tune over a job's fields
+    rayalign eval   --config jobs/eval-tiny.yaml   # checkpoints -> completions, checker, reward, judge win rate
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 import sys
 
-from rayalign.config import ConfigError, DPOConfig, OnlineDPOConfig, RewardConfig, SFTConfig, load_config
+from rayalign.config import ConfigError, DPOConfig, EvalConfig, OnlineDPOConfig, RewardConfig, SFTConfig, load_config
 
 TRAIN_COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig, "online-dpo": OnlineDPOConfig}
 
@@ -41,7 +42,7 @@ def _train(command: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = ["tiny-model", "demo-data", "demo", "sweep", *TRAIN_COMMANDS]
+    commands = ["tiny-model", "demo-data", "demo", "sweep", "eval", *TRAIN_COMMANDS]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -57,6 +58,18 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_sweep(load_sweep_config(a.config, overrides))
             return 0 if summary["best"] is not None else 1
+        if command == "eval":
+            parser.add_argument("--config", default=None, help="eval YAML (see jobs/eval-*.yaml)")
+            a, overrides = parser.parse_known_args(rest)
+            from rayalign.drivers.evaluate import evaluate
+
+            cfg = load_config(EvalConfig, a.config, overrides)
+            summary = evaluate(cfg)
+            keys = ("name", "checker", "reward", "win_rate")
+            print(json.dumps({"output_dir": cfg.output_dir,
+                              "models": [{k: m[k] for k in keys if k in m} for m in summary["models"]]},
+                             indent=2, default=str))
+            return 0
         if command == "tiny-model":
             parser.add_argument("--output", required=True)
             parser.add_argument("--seed", type=int, default=0)

@@ -83,7 +83,8 @@ class ReferenceConfig:
     `actor`: a frozen Reference actor group on its own resources; `precompute`: a Ray
     Data stage adds `ref_chosen_logps`/`ref_rejected_logps` columns, cached on disk;
     `implicit`: a LoRA learner disables its adapter for the reference pass; `none`:
-    reference-free (log-probs taken as 0).
+    reference-free (log-probs taken as 0). DPO's `ref_adapter_name` selects a fifth,
+    `adapter`: a LoRA learner switches to a frozen copy of its starting adapter.
     """
 
     mode: Literal["actor", "precompute", "implicit", "none"] = "actor"
@@ -102,7 +103,9 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """PEFT LoRA on the policy; when enabled only the adapter is trained and saved."""
+    """PEFT LoRA on the policy; when enabled only the adapter is trained and saved. With a
+    PEFT adapter dir as `model_name_or_path` (DPO) that adapter is trained and its own
+    adapter_config.json replaces r / alpha / dropout / target_modules."""
 
     enabled: bool = False
     r: int = 8
@@ -228,6 +231,11 @@ class SFTConfig(TrainConfig):
     learning_rate: float = 2e-5
 
 
+def is_adapter_dir(path: str | None) -> bool:
+    """A local PEFT adapter directory (it holds adapter_config.json)."""
+    return bool(path) and Path(path).expanduser().joinpath("adapter_config.json").is_file()
+
+
 @dataclass(frozen=True)
 class DPOConfig(TrainConfig):
     """Offline DPO. Loss fields follow TRL 1.16's DPOConfig (see docs/losses.md)."""
@@ -250,6 +258,18 @@ class DPOConfig(TrainConfig):
     generate_during_eval: bool = False
     num_generate_prompts: int = 4
     max_new_tokens: int = 16
+    # PEFT policies (lora.enabled; model_name_or_path may be an adapter dir to continue).
+    # The trained adapter's name inside the learner (TRL name); the checkpoint holds only it.
+    model_adapter_name: str = "default"
+    # TRL name. Set: the reference is a frozen copy of the starting adapter, loaded a second
+    # time under this name, and the learner switches to it for reference log-probs (the
+    # effective reference mode `adapter`). Needs a LoRA policy; reference.mode stays actor.
+    ref_adapter_name: str | None = None
+    # TRL name. A LoRA policy takes its reference from its own weights (reference.mode
+    # implicit, or ref_adapter_name); reference.mode actor / precompute load a separate
+    # model and, as in TRL, must be asked for with force_use_ref_model=true (ConfigError
+    # otherwise). reference.model_name_or_path may be an adapter dir (loaded merged).
+    force_use_ref_model: bool = False
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self):
@@ -286,17 +306,61 @@ class DPOConfig(TrainConfig):
             _require(mode == "actor", "sync_ref_model",
                      f"TR-DPO needs reference.mode=actor (got {mode}): precomputed or implicit "
                      "references cannot be updated")
+            _require(not self.lora.enabled, "sync_ref_model",
+                     "TR-DPO mixes full policy weights into the reference; not supported with a LoRA policy")
         if self.precompute_ref_log_probs:
             _require(self.reference.mode in ("actor", "precompute"), "precompute_ref_log_probs",
                      f"conflicts with reference.mode={self.reference.mode}")
+        self._check_peft(mode)
+
+    def _check_peft(self, mode: str) -> None:
+        """The PEFT reference options: adapter dirs, two adapters, force_use_ref_model."""
+        if is_adapter_dir(self.model_name_or_path):
+            _require(self.lora.enabled, "lora.enabled",
+                     f"model_name_or_path={self.model_name_or_path} is a PEFT adapter dir (adapter_config.json); "
+                     "set lora.enabled=true to continue training that adapter")
+        if self.lora.enabled:
+            import torch
+
+            for name in ("model_adapter_name", "ref_adapter_name"):
+                value = getattr(self, name)
+                _require(value is None or (value.isidentifier() and not hasattr(torch.nn.Module, value)),
+                         name, f"{value!r} is not usable as a PEFT adapter name (an identifier that is not "
+                         "a torch.nn.Module attribute such as 'train')")
+        if self.ref_adapter_name is not None:
+            _require(self.lora.enabled, "ref_adapter_name",
+                     "a reference adapter needs a LoRA policy (lora.enabled=true, optionally with an adapter "
+                     "dir as model_name_or_path)")
+            _require(self.ref_adapter_name != self.model_adapter_name, "ref_adapter_name",
+                     f"must differ from model_adapter_name ({self.model_adapter_name!r})")
+            _require(not self.force_use_ref_model, "ref_adapter_name",
+                     "conflicts with force_use_ref_model=true (a separate reference model); set one of them")
+            conflict = ("reference_free" if self.reference_free else
+                        "precompute_ref_log_probs" if self.precompute_ref_log_probs else
+                        f"reference.mode={self.reference.mode}" if self.reference.mode != "actor" else None)
+            _require(conflict is None, "ref_adapter_name",
+                     f"selects the adapter reference; conflicts with {conflict}")
+        if self.force_use_ref_model:
+            _require(mode in ("actor", "precompute"), "force_use_ref_model",
+                     f"asks for a separate reference model; conflicts with reference mode {mode}")
+        if self.lora.enabled and mode in ("actor", "precompute") and not self.force_use_ref_model:
+            name = "precompute_ref_log_probs" if self.precompute_ref_log_probs else "reference.mode"
+            raise ConfigError(
+                f"{name}: reference mode {mode} loads a separate reference model, but the policy is a LoRA "
+                "adapter: use reference.mode=implicit (adapter disabled), ref_adapter_name (a frozen copy of "
+                "the starting adapter), or set force_use_ref_model=true to load "
+                f"{self.reference.model_name_or_path or self.model_name_or_path} as the reference anyway")
 
     @property
     def reference_mode(self) -> str:
-        """The effective mode: reference_free and precompute_ref_log_probs map onto it."""
+        """The effective mode: reference_free, precompute_ref_log_probs and ref_adapter_name
+        map onto it."""
         if self.reference_free:
             return "none"
         if self.precompute_ref_log_probs:
             return "precompute"
+        if self.ref_adapter_name is not None:
+            return "adapter"
         return self.reference.mode
 
 
@@ -324,7 +388,9 @@ class RolloutConfig:
     (transformers generate), or `auto` (vLLM when importable, else HF). Weights are pushed
     from the learner after every step; `weight_sync` picks the channel: `object_store`
     (Ray's object store; every platform) or `nccl` (a broadcast group between learner rank 0
-    and the engines; GPU only); `auto` is nccl on GPU, object_store otherwise.
+    and the engines' workers, set up once; GPU learners and rollout actors, whole GPUs;
+    rayalign/weight_sync.py); `auto` is nccl when both hold whole GPUs and the backend is
+    vLLM, object_store otherwise.
     """
 
     backend: Literal["auto", "vllm", "hf"] = "auto"
@@ -358,6 +424,15 @@ class RolloutConfig:
         if self.weight_sync == "nccl":
             _require(self.num_gpus_per_actor > 0, "rollout.weight_sync",
                      "nccl needs GPU rollout actors (rollout.num_gpus_per_actor > 0)")
+            # NCCL refuses two ranks of one group on the same GPU: fractional GPUs would
+            # colocate engines (that needs CUDA IPC, not implemented); use object_store.
+            _require(self.num_gpus_per_actor >= 1 and float(self.num_gpus_per_actor).is_integer(),
+                     "rollout.num_gpus_per_actor", f"weight_sync=nccl needs whole GPUs per rollout actor, got "
+                     f"{self.num_gpus_per_actor} (colocated engines: use weight_sync=object_store)")
+            _require(self.backend == "hf" or self.num_gpus_per_actor >= self.tensor_parallel_size,
+                     "rollout.tensor_parallel_size", f"weight_sync=nccl: each of the {self.tensor_parallel_size} "
+                     f"vLLM workers of an actor joins the broadcast group on its own GPU, but "
+                     f"rollout.num_gpus_per_actor={self.num_gpus_per_actor}")
 
 
 DEFAULT_JUDGE_TEMPLATE = (
@@ -492,6 +567,10 @@ class OnlineDPOConfig(TrainConfig):
         if self.rollout.max_model_len is not None and self.max_length is not None:
             _require(self.rollout.max_model_len >= self.max_new_tokens, "rollout.max_model_len",
                      "must be >= max_new_tokens")
+        if self.rollout.weight_sync == "nccl":  # learner rank 0 is the broadcast's sender, on its GPU
+            _require(self.learner.num_gpus_per_actor >= 1 and float(self.learner.num_gpus_per_actor).is_integer(),
+                     "rollout.weight_sync", f"nccl needs whole-GPU learners (learner.num_gpus_per_actor >= 1, got "
+                     f"{self.learner.num_gpus_per_actor}); use object_store")
 
     @property
     def reward_sources(self) -> tuple[str, ...]:
@@ -513,6 +592,102 @@ class OnlineDPOConfig(TrainConfig):
     @property
     def prompts_per_step(self) -> int:
         return self.global_batch_size
+
+
+def _check_sampling(cfg) -> None:
+    """The sampling fields online DPO and eval share (TRL's names)."""
+    _require(cfg.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+    _require(cfg.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+    _require(0.0 < cfg.top_p <= 1.0, "top_p", "must be in (0, 1]")
+    _require(cfg.top_k >= 0, "top_k", "must be >= 0 (0 disables it)")
+    if cfg.min_p is not None:
+        _require(0.0 <= cfg.min_p <= 1.0, "min_p", "must be in [0, 1] or null")
+    _require(cfg.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+
+
+EVAL_MODEL_KEYS = ("path", "name", "x")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`rayalign eval`: sample completions for an eval prompt set from one or more models
+    (rollout actors, the online-DPO sampling fields) and score them with any of: a
+    programmatic `checker`, a reward model (mean score), and a pairwise `judge` against a
+    `baseline` (win rate with a 95% interval; positions swapped on exactly half the pairs).
+
+    `models` entries: a model dir; `name=path`; a run dir holding `checkpoint-<step>` dirs
+    (each complete checkpoint, ordered by step, x = step); or a mapping {path, name, x}
+    where `x` places the model on the plot's x axis (a step, a parameter count, ...).
+    """
+
+    models: tuple[str | dict, ...] = ()
+    eval_dataset: str = ""  # prompt rows; `completion` or `chosen` column: reference completions
+    output_dir: str = "outputs/eval"
+    limit: int | None = None  # only the first `limit` prompts
+    num_samples: int = 1  # completions per prompt and model (> 1 needs temperature > 0)
+    # The judge's other side: "reference" (the dataset's completions), a model path (its
+    # completions are sampled like the models'), or null (no judge).
+    baseline: str | None = None
+    judge: JudgeConfig | None = None
+    reward_model_path: str | None = None  # TRL's name: a reward model whose mean score is reported
+    checker: str | None = None  # module:function(prompts, completions, **columns) -> bools or floats
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # greedy: an eval is repeatable
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    generation_kwargs: dict | None = None
+    max_length: int | None = 1024  # prompt + completion tokens the reward model / judge reads
+    seed: int = 42  # sampling seeds and which half of the pairs the judge sees swapped
+    bf16: bool = False
+    trust_remote_code: bool = False
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)  # the reward_model_path actor
+    ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        _require(len(self.models) >= 1, "models", "needs at least one model path, name=path or run dir")
+        for i, entry in enumerate(self.models):
+            name = f"models[{i}]"
+            if isinstance(entry, dict):
+                unknown = sorted(set(entry) - set(EVAL_MODEL_KEYS))
+                _require(not unknown, name, f"unknown keys {unknown}; allowed: {', '.join(EVAL_MODEL_KEYS)}")
+                _require(isinstance(entry.get("path"), str) and bool(entry["path"].strip()), f"{name}.path",
+                         "is required (a model dir or a run dir)")
+                x = entry.get("x")
+                _require(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)), f"{name}.x",
+                         f"must be a number or null, got {x!r}")
+            else:
+                _require(bool(entry.strip()) and not entry.strip().endswith("="), name, "must not be empty")
+        _require(bool(self.eval_dataset), "eval_dataset", "is required")
+        _require(bool(self.output_dir), "output_dir", "is required")
+        if self.limit is not None:
+            _require(self.limit >= 1, "limit", "must be >= 1 or null")
+        _require(self.num_samples >= 1, "num_samples", "must be >= 1")
+        if self.num_samples > 1:
+            _require(self.temperature > 0, "num_samples",
+                     "> 1 needs temperature > 0 (greedy samples would all be the same)")
+        _check_sampling(self)
+        if self.max_length is not None:
+            _require(self.max_length >= 1, "max_length", "must be >= 1 or null")
+        if self.baseline is not None:
+            _require(bool(self.baseline.strip()), "baseline", "must be 'reference', a model path or null")
+            _require(self.judge is not None, "baseline", "is only read by a judge: set judge or drop baseline")
+        if self.judge is not None:
+            _require(self.baseline is not None, "judge", "needs a baseline to compare with: 'reference' "
+                     "(the dataset's completions) or a model path")
+        if self.checker is not None:
+            spec = self.checker
+            _require(":" in spec and all(spec.partition(":")[::2]), "checker", f"{spec!r} is not module:function")
+        if self.reward_model_path is not None:
+            _require(bool(self.reward_model_path.strip()), "reward_model_path", "must not be empty")
+        _require(self.judge is not None or self.checker is not None or self.reward_model_path is not None,
+                 "checker", "an eval needs a score: set checker, reward_model_path or judge (with baseline)")
+        if self.rollout.max_model_len is not None:
+            _require(self.rollout.max_model_len >= self.max_new_tokens, "rollout.max_model_len",
+                     "must be >= max_new_tokens")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,10 +1,11 @@
 """On-disk cache of precomputed reference log-probs (reference.mode=precompute).
 
-The key hashes everything that changes the numbers: the reference model's weight files,
-the training data file(s), the tokenizer files (chat template included), the tokenization
-settings and the log-prob options (ld_alpha, dtype). A rerun or another Tune trial with the
-same key reuses `<cache_root>/<key>/ref_logps.parquet`; the `complete.json` marker is
-written last, so a half-written cache is never read.
+The key hashes everything that changes the numbers: the reference model's weight files
+(for an adapter dir, its base model's too), the training data file(s), the tokenizer files
+(chat template included), the tokenization settings and the log-prob options (ld_alpha,
+dtype). A rerun or another Tune trial with the same key reuses
+`<cache_root>/<key>/ref_logps.parquet`; the `complete.json` marker is written last, so a
+half-written cache is never read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rayalign import storage
-from rayalign.config import DPOConfig
+from rayalign.config import DPOConfig, is_adapter_dir
 
 MARKER = "complete.json"
 TABLE = "ref_logps.parquet"
@@ -47,8 +48,13 @@ def _hash_path(h, path: str, patterns: tuple[str, ...]) -> None:
 def cache_key(cfg: DPOConfig, data_path: str) -> str:
     """A hex key identifying reference model + data + tokenizer + tokenization settings."""
     h = hashlib.sha256()
-    _hash_path(h, cfg.reference.model_name_or_path or cfg.model_name_or_path,
-               ("*.safetensors", "config.json"))
+    ref_path = cfg.reference.model_name_or_path or cfg.model_name_or_path
+    _hash_path(h, ref_path, ("*.safetensors", "config.json", "adapter_config.json"))
+    if is_adapter_dir(ref_path):  # the reference is the adapter merged into its base model
+        base = json.loads(Path(ref_path, "adapter_config.json").read_text()).get("base_model_name_or_path")
+        h.update(str(base).encode())
+        if base:
+            _hash_path(h, base, ("*.safetensors", "config.json"))
     _hash_path(h, cfg.tokenizer_path, ("tokenizer*.json", "*.jinja", "special_tokens_map.json",
                                        "*.model", "vocab*", "merges*"))
     _hash_path(h, data_path.split(":")[0] if not os.path.exists(data_path) else data_path,

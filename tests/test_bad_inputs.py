@@ -45,6 +45,9 @@ def inputs(tiny_model_dir, demo_data_dir, tmp_path_factory):
     tc["pad_token"] = None
     (no_eos / "tokenizer_config.json").write_text(json.dumps(tc))
     (d / "weights-only").mkdir()
+    (d / "adapter").mkdir()  # a PEFT adapter dir is recognised by its adapter_config.json
+    (d / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": tiny_model_dir, "r": 4, "target_modules": ["q_proj"]}))
     return d
 
 
@@ -59,6 +62,12 @@ CASES = [
     ("zero-stage", {"learner": {"zero_stage": 5}}, "ConfigError", "learner.zero_stage"),
     ("reference-mode", {"reference": {"mode": "magic"}}, "ConfigError", "reference.mode"),
     ("implicit-without-lora", {"reference": {"mode": "implicit"}}, "ConfigError", "reference.mode"),
+    ("lora-with-separate-reference", {"lora": {"enabled": True}, "reference": {"mode": "actor"}}, "ConfigError",
+     "force_use_ref_model"),
+    ("ref-adapter-without-lora", {"ref_adapter_name": "reference"}, "ConfigError", "ref_adapter_name"),
+    ("ref-adapter-and-forced-model", {"lora": {"enabled": True}, "ref_adapter_name": "reference",
+                                      "force_use_ref_model": True}, "ConfigError", "ref_adapter_name"),
+    ("adapter-dir-without-lora", {"model_name_or_path": "{d}/adapter"}, "ConfigError", "lora.enabled"),
     ("batch-size", {"per_device_train_batch_size": 0}, "ConfigError", "per_device_train_batch_size"),
     ("f-divergence", {"f_divergence_type": "chi2"}, "ConfigError", "f_divergence_type"),
     ("report-to", {"logging": {"report_to": ["comet"]}}, "ConfigError", "logging.report_to"),

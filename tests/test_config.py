@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from rayalign.config import (ConfigError, DPOConfig, RewardConfig, SFTConfig, from_dict, load_config,
+from rayalign.config import (ConfigError, DPOConfig, EvalConfig, OnlineDPOConfig, RewardConfig, SFTConfig, from_dict, load_config,
                              parse_overrides, to_dict)
 
 BASE = ["--model_name_or_path", "m", "--train_dataset", "d.jsonl"]
 JOBS = sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml"))
-CLASSES = {"dpo": DPOConfig, "sft": SFTConfig, "reward": RewardConfig}
+CLASSES = {"dpo": DPOConfig, "sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig,
+           "online": OnlineDPOConfig}  # online-dpo-*.yaml
 
 
 def test_overrides_flat_and_nested():
@@ -55,6 +56,13 @@ def test_precompute_flag_maps_onto_reference_mode():
     (["--bf16", "maybe"], "bf16"),
     (["--sync_ref_model", "true", "--reference.mode", "precompute"], "sync_ref_model"),
     (["--lora.enabled", "true", "--learner.zero_stage", "3"], "lora.enabled"),
+    (["--lora.enabled", "true"], "reference.mode"),  # a separate reference needs force_use_ref_model
+    (["--ref_adapter_name", "reference"], "ref_adapter_name"),
+    (["--lora.enabled", "true", "--ref_adapter_name", "default"], "ref_adapter_name"),
+    (["--lora.enabled", "true", "--ref_adapter_name", "reference", "--force_use_ref_model", "true"],
+     "ref_adapter_name"),
+    (["--lora.enabled", "true", "--force_use_ref_model", "true", "--reference.mode", "implicit"],
+     "force_use_ref_model"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:

@@ -21,8 +21,10 @@ import torch
 from rayalign import faults, objectives
 from rayalign.actors.group import DistributedWorker
 from rayalign.batch import PreferenceBatch, SequenceBatch
-from rayalign.config import DPOConfig, RewardConfig, SFTConfig, TrainConfig
-from rayalign.models.loading import disable_dropout, load_causal_lm, load_reward_model, load_tokenizer
+from rayalign.config import DPOConfig, RewardConfig, SFTConfig, TrainConfig, is_adapter_dir
+from rayalign.models import adapters
+from rayalign.models.loading import (ModelLoadError, disable_dropout, load_causal_lm, load_reward_model,
+                                     load_tokenizer)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,9 @@ class PolicyLearner(DistributedWorker):
         self._batches: Iterator | None = None
         self.epoch = 0
         self.batches_consumed = 0  # micro-batches taken from the current epoch's shard
+        self._grad_norm: float | None = None  # of the last optimizer step
+        self._weight_sender = None  # rank 0's end of the nccl weight-sync group
+        self._outgoing: dict | None = None  # prepared weights awaiting broadcast_weights
 
     # ------------------------------------------------------------------ setup
 
@@ -88,12 +93,16 @@ class PolicyLearner(DistributedWorker):
         set_seed(cfg.seed)  # same seed on every rank: identical LoRA init
         self.reference = reference
         self.tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+        base_path = cfg.model_name_or_path
+        if is_adapter_dir(base_path):  # continue training an adapter: load its base model first
+            if not cfg.lora.enabled:
+                raise ModelLoadError(f"model_name_or_path: {base_path} is a PEFT adapter dir; set lora.enabled=true")
+            base_path = adapters.adapter_base_model(base_path)
         if isinstance(cfg, RewardConfig):
-            model = load_reward_model(cfg.model_name_or_path, pad_token_id=self.tokenizer.pad_token_id,
+            model = load_reward_model(base_path, pad_token_id=self.tokenizer.pad_token_id,
                                       bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
         else:
-            model = load_causal_lm(cfg.model_name_or_path, bf16=cfg.bf16,
-                                   trust_remote_code=cfg.trust_remote_code)
+            model = load_causal_lm(base_path, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
         if cfg.disable_dropout:
             disable_dropout(model)
         if cfg.lora.enabled:
@@ -117,13 +126,10 @@ class PolicyLearner(DistributedWorker):
         return {"trainable_params": trainable, "total_params": total}
 
     def _wrap_lora(self, model):
-        from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+        from peft import TaskType
 
-        lc = self.cfg.lora
         task = TaskType.SEQ_CLS if isinstance(self.cfg, RewardConfig) else TaskType.CAUSAL_LM
-        peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                  target_modules=list(lc.target_modules), task_type=task)
-        return get_peft_model(model, peft_cfg)
+        return adapters.wrap_policy(model, self.cfg, task)
 
     def _param_groups(self, model) -> list[dict]:
         decay, no_decay = [], []
@@ -175,13 +181,12 @@ class PolicyLearner(DistributedWorker):
         for batch in micro:
             loss, metrics = self._objective(batch)
             self.engine.backward(loss)
-            self.engine.step()
+            self._step()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         out = {k: v / len(micro) for k, v in totals.items()}
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            out["grad_norm"] = float(grad_norm)
+        if self._grad_norm is not None:
+            out["grad_norm"] = self._grad_norm
         out["learning_rate"] = float(self.engine.get_lr()[0])
         return out
 
@@ -208,15 +213,29 @@ class PolicyLearner(DistributedWorker):
                           torch.tensor([float(r["rejected_score"]) for r in part]))
             loss, metrics = objectives.online_dpo_objective(self.engine, batch, cfg, beta, scores)
             self.engine.backward(loss)
-            self.engine.step()
+            self._step()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         out = {k: v / ga for k, v in totals.items()}
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            out["grad_norm"] = float(grad_norm)
+        if self._grad_norm is not None:
+            out["grad_norm"] = self._grad_norm
         out["learning_rate"] = float(self.engine.get_lr()[0])
         return out
+
+    def _step(self) -> None:
+        """engine.step(), keeping the pre-clipping gradient norm of an optimizer step (TRL's
+        `grad_norm`). ZeRO 1-3 report it; with ZeRO-0 and a torch optimizer DeepSpeed does
+        not, so it is taken here from the (already all-reduced) gradients."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and self.cfg.learner.zero_stage == 0:
+            grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+                if grads else 0.0
+        self.engine.step()
+        if boundary:
+            reported = self.engine.get_global_grad_norm()
+            self._grad_norm = norm if reported is None else float(reported)
 
     def export_weights(self, probe: list[int] | None = None) -> dict | None:
         """The weights rollout engines load, for a push: on rank 0 a dict with the state
@@ -225,23 +244,57 @@ class PolicyLearner(DistributedWorker):
         Every rank must call it (ZeRO-3 gathers)."""
         from rayalign.models import weights as weights_lib
 
+        state, probe_logps = self._weights_for_push(probe, copy_to="cpu")
+        if self.rank != 0:
+            return None
+        return {"state": [ray.put(state)], "fingerprint": weights_lib.fingerprint(state.values()),
+                "probe": probe_logps, "num_tensors": len(state)}
+
+    def _weights_for_push(self, probe: list[int] | None, copy_to: str | None):
+        """(state on rank 0 else None, probe log-probs): what export_weights /
+        prepare_weights hand out. Collective under ZeRO-3."""
+        from rayalign.models import weights as weights_lib
+
         module = self.engine.module
         if self.cfg.learner.zero_stage == 3:
             state = self.full_state_dict()
         else:
-            state = weights_lib.export_state_dict(module) if self.rank == 0 else None
+            state = weights_lib.export_state_dict(module, copy_to) if self.rank == 0 else None
         probe_logps = None
         if probe is not None:
             was_training = module.training
             module.eval()
             probe_logps = weights_lib.probe_logprobs(module, probe)
             module.train(was_training)
+        if state is not None and getattr(self._base_config(), "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        return state, probe_logps
+
+    # ------------------------------------------------------------------ nccl weight sync (rayalign/weight_sync.py)
+
+    def open_weight_sync(self, host: str, port: int, world_size: int, kind: str, timeout_s: float) -> None:
+        """Rank 0: become rank 0 of the broadcast group with the rollout engines."""
+        from rayalign import weight_sync
+
+        self._weight_sender = weight_sync.Sender(kind, host, port, world_size, timeout_s)
+
+    def prepare_weights(self, probe: list[int] | None = None) -> dict | None:
+        """export_weights for the broadcast channel: the state stays where it lives until
+        `broadcast_weights`; rank 0 returns its metadata (`meta`: name, dtype, shape in
+        send order), `fingerprint` and the probe log-probs. Every rank must call it."""
+        from rayalign import weight_sync
+
+        state, probe_logps = self._weights_for_push(probe, copy_to=None)
         if self.rank != 0:
             return None
-        if getattr(self._base_config(), "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        return {"state": [ray.put(state)], "fingerprint": weights_lib.fingerprint(state.values()),
+        self._outgoing = state
+        return {"meta": weight_sync.describe(state), "fingerprint": weight_sync.sent_fingerprint(state),
                 "probe": probe_logps, "num_tensors": len(state)}
+
+    def broadcast_weights(self) -> None:
+        """Rank 0: broadcast what prepare_weights took (the engines receive at the same time)."""
+        state, self._outgoing = self._outgoing, None
+        self._weight_sender.send(state)
 
     def _base_config(self):
         module = self.engine.module
@@ -278,8 +331,8 @@ class PolicyLearner(DistributedWorker):
         mode = cfg.reference_mode
         if mode == "none":
             return batch
-        if mode == "implicit":
-            with self.engine.module.disable_adapter():
+        if mode in ("implicit", "adapter"):  # the policy's own weights: adapter off, or the frozen copy
+            with adapters.reference_weights(self.engine.module, cfg):
                 ref_c, ref_r = objectives.reference_logprobs(self.engine, batch, cfg)
             return batch.with_reference(ref_c, ref_r)
         if mode == "actor":
@@ -289,15 +342,17 @@ class PolicyLearner(DistributedWorker):
         raise RuntimeError(f"reference.mode={mode}: batch arrived without ref_*_logps columns")
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int) -> dict[str, list[str]]:
-        """Greedy completions of the policy (and, for a LoRA policy, of the adapter-off
-        reference). Every rank runs it: under ZeRO-3 each forward gathers parameters."""
+        """Greedy completions of the policy (and, for a LoRA policy, of its reference: the
+        adapter-off model or the frozen reference adapter). Every rank runs it: under ZeRO-3
+        each forward gathers parameters."""
         from rayalign.models.generate import generate_texts
 
         module = self.engine.module
         out = {"prompts": self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=False),
                "completions": generate_texts(module, self.tokenizer, prompt_ids, max_new_tokens)}
         if self.cfg.lora.enabled:
-            with module.disable_adapter():
+            own = getattr(self.cfg, "reference_mode", None) in ("implicit", "adapter")
+            with adapters.reference_weights(module, self.cfg) if own else module.disable_adapter():
                 out["reference_completions"] = generate_texts(module, self.tokenizer, prompt_ids,
                                                               max_new_tokens)
         module.config.use_cache = False
@@ -324,7 +379,10 @@ class PolicyLearner(DistributedWorker):
         state = self.full_state_dict()
         if self.rank == 0:
             module = self.engine.module
-            module.save_pretrained(staging_dir, state_dict=state, safe_serialization=True)
+            if self.cfg.lora.enabled:  # the trained adapter alone, never a reference adapter
+                adapters.save_trained_adapter(module, staging_dir, state, self.cfg)
+            else:
+                module.save_pretrained(staging_dir, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(staging_dir)
             gen = getattr(module, "generation_config", None)
             if gen is not None and not self.cfg.lora.enabled:

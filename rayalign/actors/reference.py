@@ -17,14 +17,18 @@ import torch
 
 from rayalign import objectives, storage
 from rayalign.batch import PreferenceBatch
-from rayalign.config import DPOConfig
+from rayalign.config import DPOConfig, is_adapter_dir
+from rayalign.models.adapters import load_merged_adapter
 from rayalign.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 
 
 def load_reference_model(cfg: DPOConfig) -> torch.nn.Module:
+    """The frozen reference: `reference.model_name_or_path` or the policy's starting model;
+    a PEFT adapter dir is loaded onto its base model and merged."""
     path = cfg.reference.model_name_or_path or cfg.model_name_or_path
     field = "reference.model_name_or_path" if cfg.reference.model_name_or_path else "model_name_or_path"
-    model = load_causal_lm(path, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code, field=field)
+    load = load_merged_adapter if is_adapter_dir(path) else load_causal_lm
+    model = load(path, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code, field=field)
     disable_dropout(model)
     model.eval()
     model.requires_grad_(False)

@@ -192,6 +192,12 @@ def check_answer(prompt: Any, completion: Any) -> bool:
     return _completion_string(completion).split() == list(reversed(letters))
 
 
+def check_answers(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[bool]:
+    """`check_answer` over a batch: the eval job's `checker` (called like a reward function,
+    with the dataset's other columns as keyword arguments, which it ignores)."""
+    return [check_answer(p, c) for p, c in zip(prompts, completions)]
+
+
 def correctness(prompts: Sequence[Any], completions: Sequence[Any]) -> float:
     """Fraction of completions that solve their prompt."""
     if not prompts:

@@ -392,7 +392,7 @@ class WeightSync:
         tensor_parallel_size workers, one per HF actor)."""
         timeout = self.cfg.rollout.weight_sync_timeout_s
         backend = self.rollouts.call("ready", timeout=timeout)[0]["backend"]
-        kind = weight_sync_lib.group_kind(backend, self.cfg)
+        kind = weight_sync_lib.group_kind(self.cfg, backend)
         ranks = self.cfg.rollout.tensor_parallel_size if backend == "vllm" else 1
         world = 1 + ranks * len(self.rollouts)
         host, port = ray.get(self.learners.actors[0].node_address.remote(), timeout=timeout)

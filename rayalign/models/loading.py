@@ -25,10 +25,12 @@ def _check_exists(path_or_id: str, field: str) -> None:
 
 
 def load_tokenizer(path_or_id: str, *, trust_remote_code: bool = False, field: str = "tokenizer_name_or_path"):
-    """AutoTokenizer with pad and eos checked (pad falls back to eos, as TRL does)."""
+    """AutoTokenizer with pad and eos checked (pad falls back to eos, as TRL does). A PEFT
+    adapter dir without tokenizer files gives its base model's tokenizer."""
     from transformers import AutoTokenizer
 
     _check_exists(path_or_id, field)
+    path_or_id = _tokenizer_source(path_or_id)
     try:
         tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -38,6 +40,17 @@ def load_tokenizer(path_or_id: str, *, trust_remote_code: bool = False, field: s
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _tokenizer_source(path_or_id: str) -> str:
+    import json
+
+    from rayalign.config import is_adapter_dir
+
+    p = Path(path_or_id).expanduser()
+    if not is_adapter_dir(path_or_id) or any((p / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
+        return path_or_id
+    return json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or path_or_id
 
 
 def torch_dtype(bf16: bool) -> torch.dtype:

@@ -4,7 +4,8 @@
   policy's adapter deltas are added into a copy (the learner's model is never merged).
 * `fingerprint`: order- and layout-independent moments of a set of tensors (vLLM fuses
   q/k/v and pads the vocabulary, so a byte hash of HF-named tensors would not compare).
-  Two fingerprints match when the same float values were loaded.
+  Two fingerprints match when the same float values were loaded. `Fingerprint` computes
+  the same moments while tensors stream past (a broadcast), on their own device.
 * `probe_logprobs`: log-probs of a fixed token sequence; the rollout engine computes the
   same numbers, which shows the weights it *uses* are the learner's (vLLM on CPU repacks
   its linear weights into kernels that cannot be read back).
@@ -20,30 +21,32 @@ import torch
 PROBE_LENGTH = 24
 
 
-def export_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of the weights a serving engine loads. Tied tensors stay one object."""
+def export_state_dict(module: torch.nn.Module, copy_to: str | None = "cpu") -> dict[str, torch.Tensor]:
+    """Copies on `copy_to` of the weights a serving engine loads; `copy_to=None`: the
+    module's own tensors where they live (read-only views for a broadcast; merged LoRA
+    weights are new tensors either way). Tied tensors stay one object."""
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
         PeftModel = ()
     if isinstance(module, PeftModel):
-        return _merged_lora_state_dict(module)
-    return _dedup_copy(module.state_dict())
+        return _merged_lora_state_dict(module, copy_to)
+    return _dedup_copy(module.state_dict(), copy_to)
 
 
-def _dedup_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _dedup_copy(state: dict[str, torch.Tensor], copy_to: str | None = "cpu") -> dict[str, torch.Tensor]:
     copies: dict[int, torch.Tensor] = {}
     out = {}
     for name, tensor in state.items():
         key = tensor.data_ptr()
         if key not in copies:
-            copies[key] = tensor.detach().to("cpu", copy=True)
+            copies[key] = tensor.detach() if copy_to is None else tensor.detach().to(copy_to, copy=True)
         out[name] = copies[key]
     return out
 
 
 @torch.no_grad()
-def _merged_lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
+def _merged_lora_state_dict(peft_model, copy_to: str | None = "cpu") -> dict[str, torch.Tensor]:
     """W + scale * B @ A for every LoRA layer, computed into new tensors."""
     from peft.tuners.lora import LoraLayer
 
@@ -55,9 +58,10 @@ def _merged_lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
     for name, mod in base.named_modules():
         if isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_A", {}):
             weight = mod.get_base_layer().weight
-            merged[f"{name}.weight"] = (weight + mod.get_delta_weight(adapter).to(weight.dtype)).detach().cpu()
+            w = (weight + mod.get_delta_weight(adapter).to(weight.dtype)).detach()
+            merged[f"{name}.weight"] = w if copy_to is None else w.to(copy_to)
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in _dedup_copy(base.state_dict()).items():
+    for key, tensor in _dedup_copy(base.state_dict(), copy_to).items():
         if "lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")
@@ -78,6 +82,33 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> dict[str, float]:
         s2 += float((x * x).sum())
         s3 += float((x * x * x).sum())
     return {"sum": s1, "sumsq": s2, "sumcube": s3}
+
+
+class Fingerprint:
+    """`fingerprint` accumulated tensor by tensor as they stream past (sent or received),
+    on the tensors' own device and stream, without de-duplication: sender and receiver add
+    the same list of tensors in the same order."""
+
+    CHUNK = 1 << 24  # elements per float64 pass: bounds the temporary copy
+
+    def __init__(self):
+        self._parts: list[torch.Tensor] = []  # per-tensor moments, kept until `result`
+
+    @torch.no_grad()
+    def add(self, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), self.CHUNK):
+            x = flat[start:start + self.CHUNK].to(torch.float64)
+            x2 = x * x
+            self._parts.append(torch.stack([x.sum(), x2.sum(), (x2 * x).sum()]))
+
+    def result(self) -> dict[str, float]:
+        if not self._parts:
+            return {"sum": 0.0, "sumsq": 0.0, "sumcube": 0.0}
+        if any(p.is_cuda for p in self._parts):
+            torch.cuda.synchronize()  # parts may come from several streams (vLLM's packed receive)
+        s = torch.stack(self._parts).sum(0).tolist()
+        return {"sum": s[0], "sumsq": s[1], "sumcube": s[2]}
 
 
 def fingerprints_match(a: dict[str, float], b: dict[str, float], rtol: float = 1e-9) -> bool:

@@ -6,7 +6,7 @@
     rayalign dpo    --config jobs/dpo-tiny.yaml --learner.num_actors 2 --reference.mode precompute
     rayalign reward --config jobs/reward-tiny.yaml
     rayalign online-dpo --config jobs/online-dpo-tiny.yaml   # sample, score, DPO step, push weights
-    rayalign demo   --output_dir outputs/demo     # tiny model -> SFT -> reward -> DPO, with correctness
+    rayalign demo   --output_dir outputs/demo     # tiny model -> SFT -> reward -> DPO -> online DPO -> eval
     rayalign sweep  --config jobs/sweep-dpo-tiny.yaml   # Ray Tune over a job's fields
     rayalign eval   --config jobs/eval-tiny.yaml   # checkpoints -> completions, checker, reward, judge win rate
 """
@@ -90,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--dpo_steps", type=int, default=None)
             parser.add_argument("--reward_steps", type=int, default=None)
             parser.add_argument("--num_learners", type=int, default=2)
+            parser.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto",
+                                help="rollout backend of the online DPO and eval stages")
             a = parser.parse_args(rest)
             from rayalign.demo.pipeline import run_demo
 
             run_demo(a.output_dir, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps, reward_steps=a.reward_steps,
-                     num_learners=a.num_learners)
+                     num_learners=a.num_learners, backend=a.backend)
         return 0
     except ConfigError as exc:
         print(f"rayalign {command}: config error: {exc}", file=sys.stderr)

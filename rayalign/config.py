@@ -534,13 +534,7 @@ class OnlineDPOConfig(TrainConfig):
         for i, b in enumerate(self.beta):
             _require(b > 0, f"beta[{i}]" if len(self.beta) > 1 else "beta", f"must be > 0, got {b}")
         _one_of(self.loss_type, "loss_type", ["sigmoid", "ipo"])
-        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        _require(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
-        _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _require(self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)")
-        if self.min_p is not None:
-            _require(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1] or null")
-        _require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        _check_sampling(self)
         if self.missing_eos_penalty is not None:
             _require(self.missing_eos_penalty >= 0, "missing_eos_penalty", "must be >= 0 or null")
         for i, spec in enumerate(self.reward_funcs):

@@ -159,3 +159,60 @@ def test_driver_killed_then_resumed_continues_with_the_same_losses(clean_run, ti
     assert killed_at < STEPS
     rayalign.train_dpo(config(tiny_model_dir, data, out, resume_from_checkpoint="latest"))
     assert_same_run(out, clean_run)
+
+
+def online_config(model_dir, demo_data_dir, out, **over) -> dict:
+    cfg = {
+        "model_name_or_path": model_dir, "train_dataset": f"{demo_data_dir}/prompts_train.jsonl",
+        "output_dir": str(out), "max_steps": 6, "save_steps": 2, "per_device_train_batch_size": 8,
+        "learning_rate": 1e-4, "lr_scheduler_type": "constant", "logging_steps": 1, "max_length": 64,
+        "max_new_tokens": 12, "temperature": 1.0, "seed": 3, "max_failures": 2,
+        "reward_funcs": ["rayalign.demo.task:demo_reward"], "logging": {"progress_bar": False},
+        "learner": {"num_actors": 1, "num_cpus_per_actor": 0.5},
+        "reference": {"mode": "actor", "num_cpus_per_actor": 0.25},
+        "rollout": {"backend": "hf", "num_actors": 2, "num_cpus_per_actor": 0.5},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_online_rollout_actor_killed_mid_run_recovers_to_the_same_result(ray_local, sft_model_dir, demo_data_dir,
+                                                                         tmp_path):
+    """A rollout actor dies (SIGKILL) after checkpoint-2: the driver restarts every group,
+    restores checkpoint-2 (the engines get its weights as version 2) and ends with the
+    same per-step losses and scores as a run that was never interrupted."""
+    import ray
+
+    clean = tmp_path / "clean"
+    rayalign.train_online_dpo(online_config(sft_model_dir, demo_data_dir, clean))
+    out = tmp_path / "killed"
+    fired: dict = {}
+
+    def kill():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            steps = losses(out) if Path(out, "metrics.jsonl").exists() else {}
+            if steps and max(steps) >= 3 and ckpt.list_checkpoints(str(out)):
+                names = [n for n in ray.util.list_named_actors() if n.startswith("rollout-1-")]
+                if names:
+                    os.kill(ray.get(ray.get_actor(names[0]).pid.remote()), signal.SIGKILL)
+                    fired["at"] = max(steps)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    result = rayalign.train_online_dpo(online_config(sft_model_dir, demo_data_dir, out))
+    killer.join(timeout=5)
+    assert fired, "the rollout actor was never killed"
+    assert len(recoveries(out)) == 1
+    rows = {r["step"]: r for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    want = {r["step"]: r for r in map(json.loads, Path(clean, "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert sorted(rows) == list(range(1, 7))
+    for step, r in want.items():
+        for key in ("loss", "objective/scores", "objective/kl"):
+            assert rows[step][key] == pytest.approx(r[key], rel=1e-3, abs=1e-5), (step, key)
+    # the restarted engines were given the restored weights before sampling again
+    versions = [json.loads(x)["version"] for x in Path(out, "weight_sync.jsonl").read_text().splitlines()]
+    assert versions[0] == 0 and versions[-1] == 6 and versions.count(2) == 2
+    assert result["total_steps"] == 6

@@ -108,6 +108,9 @@ class Rollout:
     def ready(self) -> dict:
         return {"backend": self.backend, "rank": self.rank, "version": self.version}
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, (list, tuple)) and (not prompt or isinstance(prompt[0], int)):
             return [int(t) for t in prompt]

@@ -1,12 +1,17 @@
-"""The embedded default, end to end on a local Ray: tiny model -> SFT -> reward model -> DPO.
+"""The embedded default, end to end on a local Ray: tiny model -> SFT -> reward model ->
+offline DPO -> online DPO -> eval.
 
     rayalign demo --output_dir outputs/demo          (what `make demo` runs)
 
 Builds the tiny model and the demo data, fine-tunes with SFT, trains a Bradley–Terry reward
-model from the SFT model, then runs offline DPO from the SFT model, and prints the task's correctness (greedy answers checked by the program)
-before and after DPO, with the final eval metrics. Everything lands in `output_dir`:
-`tiny-model/`, `data/`, `sft/`, `reward/`, `dpo/` (checkpoints, metrics.jsonl, TensorBoard, PNG plots)
-and `summary.json`.
+model from the SFT model, then from the SFT model runs offline DPO (on the bundled pairs) and
+online DPO (the policy's own samples ranked by the task's rule-based reward) for the same
+number of steps, and ends with the eval job on the held-out problems: SFT vs DPO vs online
+DPO, greedy answers scored by the task's checker (correctness), the reward model (mean score)
+and a reward-model judge against the reference answers (win rate), with 95% intervals.
+Everything lands in `output_dir`: `tiny-model/`, `data/`, `sft/`, `reward/`, `dpo/`,
+`online-dpo/` (checkpoints, metrics.jsonl, TensorBoard, PNG plots), `eval/` (completions.jsonl,
+summary.json, metrics.png) and `summary.json`.
 """
 
 from __future__ import annotations
@@ -16,42 +21,52 @@ import os
 import time
 from pathlib import Path
 
-import ray
-
-from rayalign.config import DPOConfig, RewardConfig, SFTConfig, from_dict
+from rayalign.config import DPOConfig, EvalConfig, OnlineDPOConfig, RewardConfig, SFTConfig, from_dict
 
 
-@ray.remote(num_cpus=1)
-def _correctness_task(model_dir: str, prompts_file: str, max_new_tokens: int, limit: int | None) -> dict:
-    return measure_correctness(model_dir, prompts_file, max_new_tokens, limit)
+def online_dpo_config(sft_dir, data_dir, output_dir, *, steps: int, prompts_per_step: int = 32,
+                      num_learners: int = 1, backend: str = "auto", seed: int = 0) -> OnlineDPOConfig:
+    """The demo's online DPO: the SFT model samples two answers per prompt, the task's
+    rule-based reward ranks them (a missing eos costs 1), sigmoid DPO against a live reference.
+    Temperature 0.5 and lr 1e-4: the best of the settings tried for greedy correctness (see
+    benchmarks/RESULTS.md); at temperature 1 the sampled reward rises faster while greedy
+    correctness falls, in TRL's OnlineDPOTrainer as here."""
+    return from_dict(OnlineDPOConfig, {
+        "model_name_or_path": str(sft_dir), "train_dataset": f"{data_dir}/prompts_train.jsonl",
+        "output_dir": str(output_dir), "max_steps": steps,
+        "per_device_train_batch_size": max(1, prompts_per_step // num_learners), "learning_rate": 1e-4,
+        "lr_scheduler_type": "constant", "beta": 0.1, "loss_type": "sigmoid", "max_length": 64,
+        "max_new_tokens": 16, "temperature": 0.5, "reward_funcs": ["rayalign.demo.task:demo_reward"],
+        "missing_eos_penalty": 1.0, "logging_steps": 10, "save_steps": steps, "save_total_limit": 1,
+        "seed": seed, "logging": {"progress_bar": False},
+        "learner": {"num_actors": num_learners, "num_cpus_per_actor": 0.5},
+        "reference": {"mode": "actor", "num_cpus_per_actor": 0.5},
+        "rollout": {"backend": backend, "num_actors": 1, "num_cpus_per_actor": 1},
+    })
 
 
-def measure_correctness(model_dir: str, prompts_file: str, max_new_tokens: int = 16,
-                        limit: int | None = None) -> dict:
-    """Greedy answers of `model_dir` to the prompts, scored by the demo task's checker."""
-    import torch
-
-    from rayalign.data import load_prompts, prompt_text_and_ids
-    from rayalign.demo.task import correctness
-    from rayalign.models.generate import generate_texts
-    from rayalign.models.loading import load_causal_lm, load_tokenizer
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir)
-    prompts = load_prompts(prompts_file)[:limit]
-    ids = [prompt_text_and_ids(p, tokenizer)[1] for p in prompts]
-    completions = generate_texts(model, tokenizer, ids, max_new_tokens)
-    return {"correctness": correctness(prompts, completions), "num_prompts": len(prompts),
-            "examples": [{"prompt": p, "completion": c} for p, c in list(zip(prompts, completions))[:5]]}
+def eval_config(models: list[dict], data_dir, output_dir, reward_dir, backend: str = "auto",
+                seed: int = 0) -> EvalConfig:
+    """The demo's eval: greedy answers to the 200 held-out problems; the task's checker,
+    the reward model's mean score, and a reward-model judge against the reference answers."""
+    return from_dict(EvalConfig, {
+        "models": models, "eval_dataset": f"{data_dir}/sft_eval.jsonl", "output_dir": str(output_dir),
+        "max_new_tokens": 16, "max_length": 64, "checker": "rayalign.demo.task:check_answers",
+        "reward_model_path": str(reward_dir), "baseline": "reference",
+        "judge": {"type": "reward_model", "model_name_or_path": str(reward_dir), "num_cpus": 0.5},
+        "seed": seed, "rollout": {"backend": backend, "num_actors": 1, "num_cpus_per_actor": 1},
+        "scoring": {"num_cpus_per_actor": 0.5}, "logging": {"progress_bar": False},
+    })
 
 
 def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, dpo_steps: int | None = None,
-             reward_steps: int | None = None, num_learners: int = 2, seed: int = 0) -> dict:
+             reward_steps: int | None = None, num_learners: int = 2, seed: int = 0, backend: str = "auto") -> dict:
     """Run the whole embedded pipeline; returns (and writes) the summary."""
     from rayalign.actors.group import ensure_ray
     from rayalign.demo.task import write_demo_data
+    from rayalign.drivers.evaluate import evaluate
     from rayalign.drivers.offline import train
+    from rayalign.drivers.online import train_online
     from rayalign.models.tiny import build_tiny_model
 
     t_start = time.time()
@@ -62,9 +77,6 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     data = write_demo_data(out / "data", seed=seed)
     ensure_ray(None, max(os.cpu_count() or 1, num_learners + 2))
     timings = {}
-
-    def correctness(path: Path) -> dict:
-        return ray.get(_correctness_task.remote(str(path), str(data / "prompts_eval.jsonl"), 16, None))
 
     sft_cfg = from_dict(SFTConfig, {
         "model_name_or_path": str(model_dir), "train_dataset": str(data / "sft_train.jsonl"),
@@ -77,8 +89,6 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     t0 = time.time()
     sft = train(sft_cfg)
     timings["sft_s"] = time.time() - t0
-    before = correctness(out / "sft")
-    print(f"\n== correctness after SFT: {before['correctness']:.3f} on {before['num_prompts']} eval prompts")
 
     reward_cfg = from_dict(RewardConfig, {
         "model_name_or_path": str(out / "sft"), "train_dataset": str(data / "pref_train.jsonl"),
@@ -92,41 +102,88 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     timings["reward_s"] = time.time() - t0
     print(f"\n== reward model eval accuracy: {reward['metrics']['eval_accuracy']:.3f}")
 
+    steps = dpo_steps or 120
+    pairs_per_step = 16 * num_learners
     dpo_cfg = from_dict(DPOConfig, {
         "model_name_or_path": str(out / "sft"), "train_dataset": str(data / "pref_train.jsonl"),
         "eval_dataset": str(data / "pref_eval.jsonl"), "output_dir": str(out / "dpo"),
-        "max_steps": dpo_steps or 120, "per_device_train_batch_size": 16, "learning_rate": 5e-4,
+        "max_steps": steps, "per_device_train_batch_size": 16, "learning_rate": 5e-4,
         # RPO (DPO + NLL on chosen) keeps the chosen answers' likelihood from sliding down
         # while the margin grows, which plain sigmoid DPO does on this task.
-        "beta": 0.1, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "logging_steps": 10, "eval_steps": 60, "save_steps": 60,
-        "save_total_limit": 2, "max_length": 64, "seed": seed,
+        "beta": 0.1, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "logging_steps": 10,
+        "eval_steps": 60, "save_steps": 60, "save_total_limit": 2, "max_length": 64, "seed": seed,
         "learner": {"num_actors": num_learners, "num_cpus_per_actor": 1, "zero_stage": 2},
         "reference": {"mode": "precompute", "num_actors": 1, "num_cpus_per_actor": 1},
     })
     t0 = time.time()
     dpo = train(dpo_cfg)
     timings["dpo_s"] = time.time() - t0
-    after = correctness(out / "dpo")
+
+    # Online DPO: the same number of steps and pairs per step as offline DPO.
+    online_cfg = online_dpo_config(out / "sft", data, out / "online-dpo", steps=steps,
+                                   prompts_per_step=pairs_per_step, backend=backend, seed=seed)
+    t0 = time.time()
+    online = train_online(online_cfg)
+    timings["online_dpo_s"] = time.time() - t0
+
+    models = [{"name": "sft", "path": str(out / "sft")}, {"name": "dpo", "path": str(out / "dpo")},
+              {"name": "online-dpo", "path": str(out / "online-dpo")}]
+    t0 = time.time()
+    evaluation = evaluate(eval_config(models, data, out / "eval", out / "reward", backend=backend, seed=seed))
+    timings["eval_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
 
+    table = {m["name"]: _row(m) for m in evaluation["models"]}
     summary = {
-        "correctness": {"sft": before["correctness"], "dpo": after["correctness"]},
-        "num_eval_prompts": after["num_prompts"],
+        "steps": {"dpo": steps, "online_dpo": steps, "pairs_per_step": pairs_per_step},
+        "correctness": {k: v["correctness"] for k, v in table.items()},
+        "eval": table, "num_eval_prompts": evaluation["num_prompts"], "rollout_backend": online["backend"],
         "sft_final": {k: v for k, v in sft["metrics"].items() if k.startswith("eval_") or k == "loss"},
         "reward_final": {k: v for k, v in reward["metrics"].items() if k.startswith("eval_")},
         "dpo_final": {k: v for k, v in dpo["metrics"].items()
                       if k.startswith(("eval_", "rewards/")) or k in ("loss", "train_samples_per_second")},
-        "examples_after_dpo": after["examples"], "timings": timings,
-        "models": {"sft": str(out / "sft"), "reward": str(out / "reward"), "dpo": str(out / "dpo")},
+        "online_dpo_final": {k: v for k, v in online["metrics"].items()
+                             if k.startswith(("objective/", "rewards/", "val/")) or
+                             k in ("loss", "train_samples_per_second")},
+        "timings": timings,
+        "models": {"sft": str(out / "sft"), "reward": str(out / "reward"), "dpo": str(out / "dpo"),
+                   "online_dpo": str(out / "online-dpo"), "eval": str(out / "eval")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n== rayalign demo (reverse the letters)")
-    print(f"   correctness  SFT {before['correctness']:.3f}  ->  DPO {after['correctness']:.3f}")
-    for k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
-        if k in dpo["metrics"]:
-            print(f"   DPO {k:<24} {dpo['metrics'][k]:.4f}")
-    print(f"   reward model eval accuracy {reward['metrics']['eval_accuracy']:.3f}")
-    print(f"   time: SFT {timings['sft_s']:.0f}s, reward {timings['reward_s']:.0f}s, DPO {timings['dpo_s']:.0f}s, "
-          f"total {timings['total_s']:.0f}s")
-    print(f"   outputs: {out}/ (summary.json, sft/, dpo/ with metrics.jsonl and metrics.png)")
+    print(f"\n== rayalign demo (reverse the letters): {evaluation['num_prompts']} held-out problems, "
+          f"greedy; DPO and online DPO {steps} steps x {pairs_per_step} pairs from the SFT model")
+    print(format_table(table))
+    print(f"   reward model eval accuracy {reward['metrics']['eval_accuracy']:.3f}; online DPO rollouts on "
+          f"{online['backend']}, objective/scores {online['metrics'].get('objective/scores', float('nan')):.3f} "
+          f"at the last step")
+    print("   time: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items()))
+    print(f"   outputs: {out}/ (summary.json; eval/ with completions.jsonl, summary.json, metrics.png; "
+          "sft/, reward/, dpo/, online-dpo/ with metrics.jsonl and metrics.png)")
     return summary
+
+
+def _row(model: dict) -> dict:
+    """One eval summary row: correctness, reward and win rate, each with its 95% interval."""
+    def part(key, field):
+        entry = model.get(key) or {}
+        return entry.get(field), entry.get("ci95")
+
+    return {"correctness": part("checker", "mean")[0], "correctness_ci95": part("checker", "mean")[1],
+            "reward": part("reward", "mean")[0], "reward_ci95": part("reward", "mean")[1],
+            "win_rate_vs_reference": part("win_rate", "value")[0], "win_rate_ci95": part("win_rate", "value")[1],
+            "eos_rate": model.get("eos_rate")}
+
+
+def format_table(table: dict[str, dict]) -> str:
+    """The demo's SFT / DPO / online-DPO table (markdown)."""
+    def cell(value, ci):
+        if value is None:
+            return "-"
+        return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    lines = ["| model | correctness [95% CI] | reward model score [95% CI] | win rate vs reference [95% CI] |",
+             "|---|---|---|---|"]
+    for name, r in table.items():
+        lines.append(f"| {name} | {cell(r['correctness'], r['correctness_ci95'])} | "
+                     f"{cell(r['reward'], r['reward_ci95'])} | {cell(r['win_rate_vs_reference'], r['win_rate_ci95'])} |")
+    return "\n".join(lines)

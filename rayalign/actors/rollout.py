@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -293,6 +294,24 @@ def _refresh_tied_head(model) -> None:
         method.process_weights_after_loading(head)
 
 
+def vllm_model_dir(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """The dir to give vLLM for `path`. Without a safetensors index vLLM loads every
+    `*.safetensors` file of a model dir as weights; a rayalign checkpoint also holds its RNG
+    states as `rng_state_<rank>.safetensors`. For such a dir vLLM gets a temporary view: a
+    dir of symlinks to everything but those files (kept alive by the returned handle)."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        return path, None
+    names = os.listdir(path)
+    extra = {n for n in names if n.endswith(".safetensors") and not n.startswith("model")}
+    if not extra:
+        return path, None
+    view = tempfile.TemporaryDirectory(prefix="rayalign-vllm-model-")
+    for name in names:
+        if name not in extra:
+            os.symlink(os.path.join(os.path.abspath(path), name), os.path.join(view.name, name))
+    return view.name, view
+
+
 class _VLLMEngine:
     def __init__(self, path: str, rcfg: RolloutConfig, max_model_len: int | None, trust_remote_code: bool,
                  bf16: bool, tokenizer):
@@ -302,6 +321,7 @@ class _VLLMEngine:
 
         self.tokenizer = tokenizer
         self.rcfg = rcfg
+        path, self._weights_view = vllm_model_dir(path)
         on_cpu = rcfg.num_gpus_per_actor == 0
         dtype = rcfg.dtype if rcfg.dtype != "auto" else ("float32" if on_cpu else ("bfloat16" if bf16 else "auto"))
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, enforce_eager=rcfg.enforce_eager,

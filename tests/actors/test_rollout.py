@@ -5,12 +5,14 @@ log-probs, and stale results rejected."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import ray
 import torch
 
 from rayalign.actors.group import ActorGroup, GroupSpec
-from rayalign.actors.rollout import Rollout, StaleRolloutError, actor_env
+from rayalign.actors.rollout import Rollout, StaleRolloutError, actor_env, vllm_model_dir
 from rayalign.config import RolloutConfig
 from rayalign.data import load_prompts, prompt_text_and_ids
 from rayalign.drivers.online import check_versions, generate
@@ -48,7 +50,10 @@ def hf_group(ray_local, sft_model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_group(ray_local, sft_model_dir):
-    group = start(sft_model_dir, "vllm")
+    # The run's checkpoint dir (the same weights as the final model dir): it also holds
+    # rng_state_0.safetensors, which vLLM must not take for weights.
+    assert Path(sft_model_dir, "checkpoint-300", "rng_state_0.safetensors").is_file()
+    group = start(f"{sft_model_dir}/checkpoint-300", "vllm")
     yield group
     group.shutdown()
 
@@ -177,3 +182,17 @@ def test_several_actors_split_a_batch_in_order(ray_local, sft_model_dir, hf_grou
         assert sorted(p["rank"] for p in parts) == [0, 1]
     finally:
         pair.shutdown()
+
+
+def test_vllm_sees_a_checkpoint_without_its_rng_state(sft_model_dir):
+    ckpt_dir = f"{sft_model_dir}/checkpoint-300"
+    view, handle = vllm_model_dir(ckpt_dir)
+    try:
+        names = {p.name for p in Path(view).iterdir()}
+        assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
+        assert not any(n.startswith("rng_state") and n.endswith(".safetensors") for n in names)
+        assert Path(view, "model.safetensors").resolve() == Path(ckpt_dir, "model.safetensors").resolve()
+    finally:
+        handle.cleanup()
+    assert not Path(view).exists()
+    assert vllm_model_dir(sft_model_dir) == (sft_model_dir, None)  # a plain model dir is used as is

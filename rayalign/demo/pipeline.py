@@ -126,8 +126,9 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     online = train_online(online_cfg)
     timings["online_dpo_s"] = time.time() - t0
 
-    models = [{"name": "sft", "path": str(out / "sft")}, {"name": "dpo", "path": str(out / "dpo")},
-              {"name": "online-dpo", "path": str(out / "online-dpo")}]
+    # The final checkpoint of each run (a run dir would expand to every checkpoint it kept).
+    models = [{"name": "sft", "path": sft["checkpoint"]}, {"name": "dpo", "path": dpo["checkpoint"]},
+              {"name": "online-dpo", "path": online["checkpoint"]}]
     t0 = time.time()
     evaluation = evaluate(eval_config(models, data, out / "eval", out / "reward", backend=backend, seed=seed))
     timings["eval_s"] = time.time() - t0

@@ -55,8 +55,9 @@ def demo_data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def sft_model_dir(ray_local, tiny_model_dir, demo_data_dir, tmp_path_factory) -> str:
-    """The tiny model after a short SFT on the demo task (~0.6 correctness): reward models,
-    online DPO and the eval job start from it."""
+    """The tiny model after a short SFT on the demo task (~0.2 greedy correctness on the
+    held-out problems, ~0.38 mean demo reward when sampled at temperature 1): rollout,
+    scoring and online DPO tests start from it."""
     import rayalign
 
     out = tmp_path_factory.mktemp("sft") / "model"

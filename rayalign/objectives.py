@@ -57,13 +57,19 @@ def reference_logprobs(model, batch: PreferenceBatch, cfg: DPOConfig) -> tuple[t
 
 
 def online_dpo_objective(model, batch: PreferenceBatch, cfg, beta: float,
-                         scores: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+                         scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         reference: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                         ) -> tuple[torch.Tensor, dict]:
     """Online DPO on sampled pairs with TRL 1.16 OnlineDPOTrainer's metric names.
 
     `scores` (chosen, rejected) are the rewards that ranked the pair (None with a judge).
-    KL terms are over completion tokens: kl_i = log pi(y_i) - log ref(y_i) summed.
+    `reference`, when given, returns the reference log-probs after the policy's forward
+    (a reference actor computes them meanwhile). KL terms are over completion tokens:
+    kl_i = log pi(y_i) - log ref(y_i) summed.
     """
     out = preference_logprobs(model, batch, padding_free=cfg.padding_free)
+    if reference is not None:
+        batch = batch.with_reference(*reference())
     policy_c, policy_r = out.chosen_logps, out.rejected_logps
     if cfg.reference_mode == "none":
         ref_c, ref_r = torch.zeros_like(policy_c), torch.zeros_like(policy_r)

@@ -206,12 +206,13 @@ class PolicyLearner(DistributedWorker):
             part = rows[i * per:(i + 1) * per]
             batch = PreferenceBatch.from_rows(part, self.tokenizer.pad_token_id, max_length=cfg.max_length,
                                               truncation_mode=cfg.truncation_mode)
-            batch = self._with_reference(batch)
+            batch, reference = self._reference_later(batch)
             scores = None
             if part[0].get("chosen_score") is not None:
                 scores = (torch.tensor([float(r["chosen_score"]) for r in part]),
                           torch.tensor([float(r["rejected_score"]) for r in part]))
-            loss, metrics = objectives.online_dpo_objective(self.engine, batch, cfg, beta, scores)
+            loss, metrics = objectives.online_dpo_objective(self.engine, batch, cfg, beta, scores,
+                                                            reference=reference)
             self.engine.backward(loss)
             self._step()
             for k, v in metrics.items():
@@ -323,6 +324,16 @@ class PolicyLearner(DistributedWorker):
         if isinstance(cfg, RewardConfig):
             return objectives.reward_objective(self.engine, batch, cfg)
         return objectives.sft_objective(self.engine, batch, cfg)
+
+    def _reference_later(self, batch):
+        """(batch, None) with reference log-probs attached, or, with a reference actor,
+        (batch, wait): the request is sent now and `wait()` returns its answer, so that the
+        reference's forward runs while the learner does its own."""
+        if getattr(self.cfg, "reference_mode", None) == "actor" and batch.ref_chosen_logps is None:
+            pending = self.reference.logprobs.remote(batch)
+            timeout = self.cfg.learner.collective_timeout_s
+            return batch, lambda: ray.get(pending, timeout=timeout)
+        return self._with_reference(batch), None
 
     def _with_reference(self, batch):
         cfg = self.cfg

@@ -130,13 +130,20 @@ class Rollout:
                        for per_prompt in raw]
         return {"version": self.version, "rank": self.rank, "prompt_ids": ids, "completions": completions}
 
-    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> dict:
-        """Load `state` (full weights, HF names) and adopt `version`."""
+    def update_weights(self, state: dict[str, torch.Tensor], version: int, probe: list[int] | None = None) -> dict:
+        """Load `state` (full weights, HF names) and adopt `version`; with `probe`, the
+        engine's log-probs of it under the new weights come back in the same call."""
         t0 = time.time()
         self._fingerprint = self.engine.load(state)
         self.version = int(version)
-        return {"version": self.version, "fingerprint": self._fingerprint, "seconds": time.time() - t0,
-                "rank": self.rank}
+        return self._loaded(t0, probe)
+
+    def _loaded(self, t0: float, probe: list[int] | None) -> dict:
+        out = {"version": self.version, "fingerprint": self._fingerprint, "seconds": time.time() - t0,
+               "rank": self.rank}
+        if probe is not None:
+            out["probe"] = self.engine.probe(probe)
+        return out
 
     def fingerprint(self) -> dict | None:
         """The fingerprint of the weights the engine holds (HF: read back from the model;
@@ -160,7 +167,7 @@ class Rollout:
         self._sync = (kind, weight_sync.open_receiver(self.engine, kind, host, port, world_size, rank_offset,
                                                       timeout_s))
 
-    def receive_weights(self, meta: list[dict], version: int) -> dict:
+    def receive_weights(self, meta: list[dict], version: int, probe: list[int] | None = None) -> dict:
         """update_weights over the group: receive the tensors `meta` lists (name, dtype,
         shape, in send order) while learner rank 0 broadcasts them, and adopt `version`."""
         from rayalign import weight_sync
@@ -171,8 +178,7 @@ class Rollout:
         kind, group = self._sync
         self._fingerprint = weight_sync.receive(self.engine, kind, group, meta, version)
         self.version = int(version)
-        return {"version": self.version, "fingerprint": self._fingerprint, "seconds": time.time() - t0,
-                "rank": self.rank}
+        return self._loaded(t0, probe)
 
 
 def _eos_ids(tokenizer, model_path: str) -> set[int]:

@@ -366,7 +366,7 @@ class WeightSync:
             export = self.learners.call("export_weights", self.probe,
                                         timeout=self.cfg.learner.collective_timeout_s)[0]
             t_export = time.time() - t
-            refs = [a.update_weights.remote(export["state"][0], version) for a in self.rollouts.actors]
+            refs = [a.update_weights.remote(export["state"][0], version, self.probe) for a in self.rollouts.actors]
             try:
                 loaded = self.rollouts.get(refs, rcfg.weight_sync_timeout_s)
             except TimeoutError as exc:
@@ -408,7 +408,7 @@ class WeightSync:
         export = self.learners.call("prepare_weights", self.probe, timeout=self.cfg.learner.collective_timeout_s)[0]
         t_export = time.time() - t
         calls = [("learner 0", self.learners.actors[0].broadcast_weights.remote())]
-        calls += [(f"rollout {i}", a.receive_weights.remote(export["meta"], version))
+        calls += [(f"rollout {i}", a.receive_weights.remote(export["meta"], version, self.probe))
                   for i, a in enumerate(self.rollouts.actors)]
         results = weight_sync_lib.wait_all(calls, self.cfg.rollout.weight_sync_timeout_s,
                                            f"pushing weight version {version}")
@@ -422,8 +422,8 @@ class WeightSync:
             if not weights_lib.fingerprints_match(item["fingerprint"], export["fingerprint"]):
                 raise WeightSyncError(f"rollout {item['rank']}: loaded weights differ from the learner's at version "
                                       f"{version}: {item['fingerprint']} != {export['fingerprint']}")
-        probes = self.rollouts.call("probe", self.probe, timeout=self.cfg.rollout.weight_sync_timeout_s)
-        worst = max(max(abs(a - b) for a, b in zip(p, export["probe"])) for p in probes)
+        # each engine's probe log-probs came back with its load (the same call, no extra round trip)
+        worst = max(max(abs(a - b) for a, b in zip(item["probe"], export["probe"])) for item in loaded)
         if worst > self.cfg.rollout.probe_tolerance:
             raise WeightSyncError(f"rollout engines compute log-probs up to {worst:.2e} away from the learner's "
                                   f"after the push of version {version} (rollout.probe_tolerance="

@@ -12,20 +12,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 import torch
 
-from common import setup
-
-
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+from common import matmul_gflops, setup
 
 
 def run_trl(model_dir, data, out, steps, batch, precompute) -> float:

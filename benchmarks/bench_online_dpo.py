@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from common import setup
+from common import matmul_gflops, setup
 
 LR = 1e-4
 MAX_LENGTH = 64
@@ -120,15 +120,6 @@ def top_processes(n: int = 6) -> list[str]:
     block = out.split("\n\n")[-1].strip().splitlines()  # the second sample
     rows = [r for r in block[1:] if r.strip()]
     return [" ".join(r.split()[8:9] + r.split()[11:])[:80] for r in rows[:n]]  # %CPU and command
-
-
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def versions() -> dict[str, str]:

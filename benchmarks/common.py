@@ -1,9 +1,11 @@
-"""Shared set-up of the benchmarks: arguments, the tiny model and the demo data."""
+"""Shared set-up of the benchmarks: arguments, the tiny model and the demo data, and the
+machine's matmul speed (recorded with each run)."""
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from typing import Callable
 
 import torch
@@ -29,3 +31,12 @@ def setup(prefix: str, steps: int = 200, batch: int = 8,
     model_dir = str(build_tiny_model(f"{tmp}/model"))
     data = str(write_demo_data(f"{tmp}/data") / "pref_train.jsonl")
     return args, tmp, model_dir, data
+
+
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9

@@ -165,13 +165,10 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
 
 def _row(model: dict) -> dict:
     """One eval summary row: correctness, reward and win rate, each with its 95% interval."""
-    def part(key, field):
-        entry = model.get(key) or {}
-        return entry.get(field), entry.get("ci95")
-
-    return {"correctness": part("checker", "mean")[0], "correctness_ci95": part("checker", "mean")[1],
-            "reward": part("reward", "mean")[0], "reward_ci95": part("reward", "mean")[1],
-            "win_rate_vs_reference": part("win_rate", "value")[0], "win_rate_ci95": part("win_rate", "value")[1],
+    checker, reward, win = (model.get(k) or {} for k in ("checker", "reward", "win_rate"))
+    return {"correctness": checker.get("mean"), "correctness_ci95": checker.get("ci95"),
+            "reward": reward.get("mean"), "reward_ci95": reward.get("ci95"),
+            "win_rate_vs_reference": win.get("value"), "win_rate_ci95": win.get("ci95"),
             "eos_rate": model.get("eos_rate")}
 
 

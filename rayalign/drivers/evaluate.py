@@ -31,7 +31,7 @@ from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
 from rayalign.actors.rollout import Rollout, actor_env, resolve_backend, sampling_from_config
 from rayalign.config import EvalConfig, to_dict, to_yaml
 from rayalign.data import DataError, _is_messages, prompt_text_and_ids, read_rows
-from rayalign.drivers.online import generate
+from rayalign.drivers.online import as_completion, generate
 from rayalign.evaluation import (ModelSpec, balanced_swaps, expand_models, judge_swapped, mean_interval,
                                  outcome_score, plot_models, win_rate)
 from rayalign.models.loading import _check_exists, load_tokenizer
@@ -91,7 +91,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                 scores = score(cfg, rows, prompts, texts, [c["token_ids"] for c in flat], checker, reward_actor)
                 judged = given = raw = None
                 if judge is not None:
-                    pairs = [(_completion(t, p), _completion(b, p)) for t, b, p in zip(texts, baseline, prompts)]
+                    pairs = [(as_completion(t, isinstance(p, list)), as_completion(b, isinstance(p, list)))
+                             for t, b, p in zip(texts, baseline, prompts)]
                     judged, given = judge_swapped(judge, prompts, pairs, swapped)
                     raw = getattr(judge, "last_raw", None)
                 for i, c in enumerate(flat):
@@ -166,7 +167,7 @@ def sample(cfg: EvalConfig, path: str, rows: list[dict], backend: str, sampling:
 def score(cfg: EvalConfig, rows: list[dict], prompts: list, texts: list[str], completion_ids: list | None,
           checker, reward_actor) -> dict[str, list[float] | None]:
     """Checker values and reward-model scores of prompt-major completions (None: not asked)."""
-    completions = [_completion(t, p) for t, p in zip(texts, prompts)]
+    completions = [as_completion(t, isinstance(p, list)) for t, p in zip(texts, prompts)]
     reward_ref = reward_actor.score.remote(prompts, completions) if reward_actor is not None else None
     checked = None
     if checker is not None:
@@ -204,11 +205,6 @@ def _text(value) -> str:
     if isinstance(value, list):  # messages: the assistant's turns
         return "\n".join(str(m.get("content", "")) for m in value if m.get("role") == "assistant")
     return str(value)
-
-
-def _completion(text: str, prompt):
-    """As scorers expect it: an assistant message for a conversational prompt, else text."""
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
 def _record(cfg, model: ModelSpec, i: int, rows, c: dict, scores, baseline, baseline_scores, judged, given, raw,

@@ -281,7 +281,7 @@ def _online_step(cfg, rows, step, conversational, rollouts, learners, scorer, ju
     n = len(rows)
     prompts = [r["prompt"] for r in rows]
     flat = [c for pair in completions for c in pair]  # prompt-major: (p0 a, p0 b, p1 a, ...)
-    texts = [_as_completion(c["text"], conversational) for c in flat]
+    texts = [as_completion(c["text"], conversational) for c in flat]
     eos = np.array([c["eos"] for c in flat])
     scores = None
     if scorer is not None:
@@ -327,7 +327,9 @@ def _online_step(cfg, rows, step, conversational, rollouts, learners, scorer, ju
     return out
 
 
-def _as_completion(text: str, conversational: bool):
+def as_completion(text: str, conversational: bool):
+    """A completion as scorers expect it: an assistant message for a conversational prompt,
+    else the text (TRL's convention)."""
     return [{"role": "assistant", "content": text}] if conversational else text
 
 
@@ -440,7 +442,7 @@ def evaluate(cfg: OnlineDPOConfig, prompts: Prompts, rollouts: ActorGroup, score
     flat = [c[0] for c in completions]
     metrics = {"eval_val/contain_eos_token": float(np.mean([c["eos"] for c in flat]))}
     if scorer is not None:
-        texts = [_as_completion(c["text"], prompts.conversational) for c in flat]
+        texts = [as_completion(c["text"], prompts.conversational) for c in flat]
         extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
         total, _ = scorer.score([r["prompt"] for r in rows], texts, [c["token_ids"] for c in flat],
                                 [c["eos"] for c in flat], None, **extra)

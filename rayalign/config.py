@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,15 @@ class ConfigError(ValueError):
 def _require(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{name}: {msg}")
+
+
+def _expand_paths(cfg, names: typing.Iterable[str]) -> None:
+    """`~` and `$VAR` in path fields expand as a shell would (the YAML and Python API get no
+    shell); a frozen dataclass is set through object.__setattr__."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, str) and ("~" in value[:1] or "$" in value):
+            object.__setattr__(cfg, name, os.path.expanduser(os.path.expandvars(value)))
 
 
 def _one_of(value: Any, name: str, allowed: typing.Iterable[Any]) -> None:
@@ -71,6 +81,8 @@ class LearnerConfig:
         _require(self.num_cpus_per_actor >= 0, "learner.num_cpus_per_actor", "must be >= 0")
         _require(self.num_gpus_per_actor >= 0, "learner.num_gpus_per_actor", "must be >= 0")
         _require(self.collective_timeout_s > 0, "learner.collective_timeout_s", "must be > 0")
+        if self.torch_threads is not None:
+            _require(self.torch_threads >= 1, "learner.torch_threads", "must be >= 1 or null")
 
 
 REFERENCE_MODES = ("actor", "precompute", "implicit", "none")
@@ -96,8 +108,11 @@ class ReferenceConfig:
     cache_dir: str | None = None  # precompute cache; default <output_dir>/../.ref_cache
 
     def __post_init__(self):
+        _expand_paths(self, ("model_name_or_path", "cache_dir"))
         _one_of(self.mode, "reference.mode", REFERENCE_MODES)
         _require(self.num_actors >= 1, "reference.num_actors", "must be >= 1")
+        _require(self.num_cpus_per_actor >= 0, "reference.num_cpus_per_actor", "must be >= 0")
+        _require(self.num_gpus_per_actor >= 0, "reference.num_gpus_per_actor", "must be >= 0")
         _require(self.batch_size >= 1, "reference.batch_size", "must be >= 1")
 
 
@@ -115,6 +130,7 @@ class LoraConfig:
 
     def __post_init__(self):
         _require(self.r >= 1, "lora.r", "must be >= 1")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0 (the adapter is scaled by alpha / r), got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
 
@@ -153,6 +169,10 @@ class TrainConfig:
     train_dataset: str = ""  # JSONL / Parquet / save_to_disk dir ("path:split" for a DatasetDict)
     eval_dataset: str | None = None
     output_dir: str = "outputs/run"
+    # TRL's name. A dir holding another run is refused unless this is set (the old run's
+    # checkpoints and logs are removed once the new run's first step succeeded) or the job
+    # resumes it with resume_from_checkpoint.
+    overwrite_output_dir: bool = False
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 8
@@ -191,6 +211,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
+        _expand_paths(self, ("model_name_or_path", "tokenizer_name_or_path", "train_dataset", "eval_dataset",
+                             "output_dir", "resume_from_checkpoint"))
         _require(bool(self.model_name_or_path), "model_name_or_path", "is required")
         _require(bool(self.train_dataset), "train_dataset", "is required")
         _require(bool(self.output_dir), "output_dir", "is required")
@@ -202,8 +224,15 @@ class TrainConfig:
         for name in ("eval_steps", "save_steps", "save_total_limit"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, "must be >= 1 or null")
-        _require(self.learning_rate >= 0, "learning_rate", "must be >= 0")
+        _require(0 <= self.learning_rate < float("inf"), "learning_rate", f"must be >= 0 and finite, got "
+                 f"{self.learning_rate}")
         _require(self.max_failures >= 0, "max_failures", "must be >= 0")
+        _require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (numpy and torch seeds), got {self.seed}")
+        _require(self.num_train_epochs >= 0, "num_train_epochs", f"must be >= 0, got {self.num_train_epochs}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _require(self.adam_epsilon >= 0, "adam_epsilon", f"must be >= 0, got {self.adam_epsilon}")
         _one_of(self.lr_scheduler_type, "lr_scheduler_type", SCHEDULERS)
         _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
@@ -299,6 +328,9 @@ class DPOConfig(TrainConfig):
             _require(0.0 <= self.ld_alpha <= 1.0, "ld_alpha", "must be in [0, 1] or null")
         _require(0.0 <= self.ref_model_mixup_alpha <= 1.0, "ref_model_mixup_alpha", "must be in [0, 1]")
         _require(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", "must be >= 1")
+        _require(self.discopop_tau > 0, "discopop_tau", f"must be > 0, got {self.discopop_tau}")
+        _require(self.num_generate_prompts >= 1, "num_generate_prompts", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         mode = self.reference_mode
         if mode == "implicit":
             _require(self.lora.enabled, "reference.mode", "implicit needs lora.enabled=true")
@@ -421,6 +453,10 @@ class RolloutConfig:
         _require(self.weight_sync_timeout_s > 0, "rollout.weight_sync_timeout_s", "must be > 0")
         _require(self.generate_timeout_s > 0, "rollout.generate_timeout_s", "must be > 0")
         _require(self.hf_batch_size >= 1, "rollout.hf_batch_size", "must be >= 1")
+        if self.max_model_len is not None:
+            _require(self.max_model_len >= 1, "rollout.max_model_len", "must be >= 1 or null")
+        _require(self.kv_cache_space_gib >= 0, "rollout.kv_cache_space_gib", "must be >= 0")
+        _require(self.probe_tolerance >= 0, "rollout.probe_tolerance", "must be >= 0")
         if self.weight_sync == "nccl":
             _require(self.num_gpus_per_actor > 0, "rollout.weight_sync",
                      "nccl needs GPU rollout actors (rollout.num_gpus_per_actor > 0)")
@@ -472,6 +508,9 @@ class JudgeConfig:
         _one_of(self.backend, "judge.backend", ROLLOUT_BACKENDS)
         _require(self.max_new_tokens >= 1, "judge.max_new_tokens", "must be >= 1")
         _require(self.batch_size >= 1, "judge.batch_size", "must be >= 1")
+        _require(self.temperature >= 0, "judge.temperature", "must be >= 0 (0: greedy)")
+        _require(self.num_cpus >= 0, "judge.num_cpus", "must be >= 0")
+        _require(self.num_gpus >= 0, "judge.num_gpus", "must be >= 0")
         if self.type == "llm":
             for key in ("{prompt}", "{response0}", "{response1}"):
                 _require(key in self.template, "judge.template", f"must contain {key}")
@@ -487,6 +526,8 @@ class ScoringConfig:
 
     def __post_init__(self):
         _require(self.batch_size >= 1, "scoring.batch_size", "must be >= 1")
+        _require(self.num_cpus_per_actor >= 0, "scoring.num_cpus_per_actor", "must be >= 0")
+        _require(self.num_gpus_per_actor >= 0, "scoring.num_gpus_per_actor", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -519,6 +560,10 @@ class OnlineDPOConfig(TrainConfig):
     reward_funcs: tuple[str, ...] = ()
     reward_model_path: str | None = None
     reward_weights: tuple[float, ...] | None = None
+    # A NaN / inf score (or a completion every reward function returns None for) is never a
+    # tie: "error" fails the step naming the reward source; "penalize" ranks that completion
+    # 1 below the step's lowest finite score (a reward-model judge: it loses its pair).
+    nonfinite_scores: Literal["error", "penalize"] = "error"
     judge: JudgeConfig | None = None
     padding_free: bool = False
     log_completions: bool = True  # a table of prompts, both completions and scores
@@ -535,6 +580,13 @@ class OnlineDPOConfig(TrainConfig):
             _require(b > 0, f"beta[{i}]" if len(self.beta) > 1 else "beta", f"must be > 0, got {b}")
         _one_of(self.loss_type, "loss_type", ["sigmoid", "ipo"])
         _check_sampling(self)
+        gen = self.generation_kwargs or {}
+        greedy = ("temperature=0" if self.temperature == 0 or gen.get("temperature") == 0 else
+                  "top_k=1" if self.top_k == 1 or gen.get("top_k") == 1 else
+                  "generation_kwargs.do_sample=false" if gen.get("do_sample") is False else None)
+        _require(greedy is None, "temperature", f"online DPO samples two completions per prompt; with {greedy} "
+                 "sampling is greedy, the two are identical and make no preference pair (use temperature > 0)")
+        _one_of(self.nonfinite_scores, "nonfinite_scores", ["error", "penalize"])
         if self.missing_eos_penalty is not None:
             _require(self.missing_eos_penalty >= 0, "missing_eos_penalty", "must be >= 0 or null")
         for i, spec in enumerate(self.reward_funcs):
@@ -593,7 +645,7 @@ def _check_sampling(cfg) -> None:
     _require(cfg.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     _require(cfg.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
     _require(0.0 < cfg.top_p <= 1.0, "top_p", "must be in (0, 1]")
-    _require(cfg.top_k >= 0, "top_k", "must be >= 0 (0 disables it)")
+    _require(cfg.top_k >= -1, "top_k", "must be >= 0, or -1 (0 and -1 disable it, as in TRL / vLLM)")
     if cfg.min_p is not None:
         _require(0.0 <= cfg.min_p <= 1.0, "min_p", "must be in [0, 1] or null")
     _require(cfg.repetition_penalty > 0, "repetition_penalty", "must be > 0")
@@ -655,11 +707,13 @@ class EvalConfig:
                          f"must be a number or null, got {x!r}")
             else:
                 _require(bool(entry.strip()) and not entry.strip().endswith("="), name, "must not be empty")
+        _expand_paths(self, ("eval_dataset", "output_dir", "reward_model_path", "baseline"))
         _require(bool(self.eval_dataset), "eval_dataset", "is required")
         _require(bool(self.output_dir), "output_dir", "is required")
         if self.limit is not None:
             _require(self.limit >= 1, "limit", "must be >= 1 or null")
         _require(self.num_samples >= 1, "num_samples", "must be >= 1")
+        _require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
         if self.num_samples > 1:
             _require(self.temperature > 0, "num_samples",
                      "> 1 needs temperature > 0 (greedy samples would all be the same)")

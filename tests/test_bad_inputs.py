@@ -48,7 +48,40 @@ def inputs(tiny_model_dir, demo_data_dir, tmp_path_factory):
     (d / "adapter").mkdir()  # a PEFT adapter dir is recognised by its adapter_config.json
     (d / "adapter" / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "base_model_name_or_path": tiny_model_dir, "r": 4, "target_modules": ["q_proj"]}))
+    _bad_model_dirs(d, tiny_model_dir)
+    _margin_files(d, good)
     return d
+
+
+def _bad_model_dirs(d: Path, tiny_model_dir: str) -> None:
+    """Copies of the tiny model, each broken in one way from_pretrained would hit in an actor."""
+    truncated = d / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    pickle_only = d / "pickle-only"
+    shutil.copytree(tiny_model_dir, pickle_only)
+    (pickle_only / "model.safetensors").unlink()
+    (pickle_only / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not loaded")  # never unpickled
+    remote_code = d / "remote-code"
+    shutil.copytree(tiny_model_dir, remote_code)
+    config = json.loads((remote_code / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (remote_code / "config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_tokens([f"<extra_{i}>" for i in range(8)])  # 8 ids past the model's embedding
+    tok.save_pretrained(d / "tok-too-big")
+
+
+def _margin_files(d: Path, good: list[str]) -> None:
+    rows = [json.loads(line) for line in good[:16]]
+    for name, bad in (("nan", float("nan")), ("inf", float("inf"))):  # json writes NaN / Infinity
+        (d / f"margin_{name}.jsonl").write_text("".join(
+            json.dumps({**r, "margin": bad if i == 3 else 1.0}) + "\n" for i, r in enumerate(rows)))
+    (d / "margin_some.jsonl").write_text("".join(
+        json.dumps(r if i in (5, 9) else {**r, "margin": 1.0}) + "\n" for i, r in enumerate(rows)))
 
 
 # (id, overrides, error class name, what the message must name)
@@ -86,6 +119,22 @@ CASES = [
                                "tokenizer_name_or_path": "{d}/tok-no-template"}, "DataError", "chat template"),
     ("resume-missing", {"resume_from_checkpoint": "{d}/no-such-checkpoint"}, "CheckpointError", "no-such-checkpoint"),
     ("unreachable-ray", {"ray": {"address": "127.0.0.1:1"}}, "ClusterError", "ray.address"),
+    ("truncated-safetensors", {"model_name_or_path": "{d}/truncated", "tokenizer_name_or_path": "{d}/truncated"},
+     "ModelLoadError", "truncated/model.safetensors is truncated"),
+    ("pickle-only-model", {"model_name_or_path": "{d}/pickle-only"}, "ModelLoadError",
+     "pytorch_model.bin), no model.safetensors. rayalign loads safetensors only"),
+    ("auto-map-without-trust", {"model_name_or_path": "{d}/remote-code"}, "ModelLoadError", "trust_remote_code=true"),
+    ("tokenizer-larger-than-embedding", {"tokenizer_name_or_path": "{d}/tok-too-big"}, "ModelLoadError",
+     "tokenizer_name_or_path: the tokenizer has 309 tokens"),
+    ("negative-seed", {"seed": -1}, "ConfigError", "seed"),
+    ("margin-nan", {"train_dataset": "{d}/margin_nan.jsonl", "eval_dataset": None}, "DataError",
+     "margin_nan.jsonl row 3, field 'margin': must be finite, got nan"),
+    ("margin-inf", {"train_dataset": "{d}/margin_inf.jsonl", "eval_dataset": None}, "DataError",
+     "margin_inf.jsonl row 3, field 'margin': must be finite, got inf"),
+    ("margin-on-some-rows", {"train_dataset": "{d}/margin_some.jsonl", "eval_dataset": None}, "DataError",
+     "margin_some.jsonl: field 'margin' is set on 14 rows but missing (or null) on 2, e.g. rows [5, 9]"),
+    ("rerun-into-finished-run", {"overwrite_output_dir": False}, "OutputDirError", "holds another run"),
+    ("resume-at-the-end", {"resume_from_checkpoint": "latest"}, "CheckpointError", "nothing is left to train"),
 ]
 
 
@@ -110,13 +159,16 @@ def test_bad_input_is_rejected_early_and_touches_nothing(case, over, error, culp
     staged = tmp_path / "staged"
     staged.mkdir()
     (staged / "config.json").write_text("{}")
+    (staged / "trainer_state.json").write_text('{"step": 2, "log_history": []}')
     ckpt.commit_checkpoint(str(staged), str(out), "checkpoint-2", step=2)
     (out / "metrics.jsonl").write_text('{"step": 2, "loss": 0.69}\n')
     before = _snapshot(out)
     cfg = {"model_name_or_path": tiny_model_dir, "train_dataset": str(inputs / "good.jsonl"),
            "eval_dataset": str(inputs / "good.jsonl"), "output_dir": str(out), "max_steps": 2,
            "per_device_train_batch_size": 8, "max_length": 64, "logging": {"progress_bar": False},
-           "reference": {"mode": "none"}, "ray": {"placement_timeout_s": 5}}
+           "reference": {"mode": "none"}, "ray": {"placement_timeout_s": 5},
+           # replacing the finished run is allowed: every case must fail before it is touched
+           "overwrite_output_dir": True}
     for key, value in _fill(over, inputs).items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     import ray

@@ -13,11 +13,12 @@ import numpy as np
 
 from rayalign import checkpoint as ckpt
 from rayalign import data as data_lib
-from rayalign import refcache, storage
-from rayalign.actors.group import ActorGroup
+from rayalign import refcache, rundir, storage
+from rayalign.actors.group import ActorFailure, ActorGroup
 from rayalign.batch import PreferenceBatch, SequenceBatch
-from rayalign.config import DPOConfig, TrainConfig
+from rayalign.config import DPOConfig, TrainConfig, to_dict
 from rayalign.models.loading import load_tokenizer
+from rayalign.tracking import MetricsLogger
 
 logger = logging.getLogger("rayalign")
 
@@ -232,6 +233,20 @@ def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
                         pad_token_id=tokenizer.pad_token_id)
 
 
+def check_models(cfg: TrainConfig) -> None:
+    """Check the policy's model dir and a separate reference's (their files, custom code, and
+    the job tokenizer against each embedding) before Ray starts or an actor loads them."""
+    from rayalign.models.loading import check_model_dir
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+    models = [(cfg.model_name_or_path, "model_name_or_path")]
+    reference = getattr(cfg, "reference", None)
+    if reference is not None and reference.model_name_or_path and cfg.reference_mode in ("actor", "precompute"):
+        models.append((reference.model_name_or_path, "reference.model_name_or_path"))
+    for path, name in models:
+        check_model_dir(path, name, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
+
+
 def evaluate(learners: ActorGroup, batches: list, tracker, step: int) -> dict:
     """Shard eval batches over learners (weight-0 padding keeps forward counts equal)."""
     n = len(learners)
@@ -251,7 +266,7 @@ def evaluate(learners: ActorGroup, batches: list, tracker, step: int) -> dict:
     return metrics
 
 
-def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metrics: dict) -> str:
+def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metrics: dict, run_id: str) -> str:
     """Stage a checkpoint (weights, DeepSpeed state, RNG, trainer state) and commit it."""
     staging = os.path.join(staging_root(cfg), f".staging-{name}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -261,10 +276,52 @@ def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metr
     ckpt.write_model_card(staging, base_model=cfg.model_name_or_path,
                           datasets=[p for p in (cfg.train_dataset, cfg.eval_dataset) if p],
                           method=type(cfg).__name__.removesuffix("Config"), metrics=metrics)
-    path = ckpt.commit_checkpoint(staging, cfg.output_dir, name, step=state["step"])
+    path = ckpt.commit_checkpoint(staging, cfg.output_dir, name, step=state["step"], metadata={"run_id": run_id})
     shutil.rmtree(staging, ignore_errors=True)
     ckpt.prune_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=[path])
     return path
+
+
+def check_run_start(cfg: TrainConfig, total_steps: int) -> tuple[str | None, int | None]:
+    """Before Ray starts: may this job write output_dir, and what does it resume?
+    Returns (the resolved checkpoint to resume, its step), or (None, None)."""
+    rundir.check_output_dir(cfg)
+    if not cfg.resume_from_checkpoint:
+        return None, None
+    return rundir.check_resume(cfg, total_steps)
+
+
+def with_recovery(cfg: TrainConfig, run: rundir.RunDir, resume: str | None,
+                  attempt: Callable[[str | None, int], dict]) -> dict:
+    """Run `attempt(resume, recoveries)`; after an actor death recreate everything through a
+    new attempt from this run's last complete checkpoint (or the one it resumed from), up
+    to max_failures times."""
+    failures = 0
+    start = resume
+    while True:
+        try:
+            return attempt(resume, failures)
+        except ActorFailure as exc:
+            failures += 1
+            if failures > cfg.max_failures:
+                raise ActorFailure(f"{exc}; giving up after {failures} failure(s) "
+                                   f"(max_failures={cfg.max_failures})") from exc
+            resume = run.latest_checkpoint() or start
+            logger.warning("actor failure %d of max_failures=%d (%s): recreating the actor groups and "
+                           "restoring from %s", failures, cfg.max_failures, exc, resume or "step 0 (no checkpoint yet)")
+
+
+def open_tracker(cfg: TrainConfig, run: rundir.RunDir, files: storage.RunFiles, step: int,
+                 recoveries: int) -> MetricsLogger:
+    """The run claims its output dir (its first step succeeded) and opens its metrics: lines
+    past `step` (the restored step) are dropped, a recovery is logged."""
+    run.claim()
+    tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to, run_name=cfg.logging.run_name,
+                            project=cfg.logging.project, config_dict=to_dict(cfg))
+    tracker.truncate_after(step)
+    if recoveries:
+        tracker.log({"recoveries": recoveries}, step=step)
+    return tracker
 
 
 def publish_final(cfg: TrainConfig, step: int, metrics: dict) -> str:

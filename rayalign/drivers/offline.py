@@ -17,12 +17,13 @@ from typing import Callable
 
 from rayalign import checkpoint as ckpt
 from rayalign import storage
-from rayalign.actors.group import ActorFailure, ActorGroup, GroupSpec, ensure_ray
+from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
-from rayalign.config import DPOConfig, RewardConfig, TrainConfig, to_dict
+from rayalign.config import DPOConfig, RewardConfig, TrainConfig
 from rayalign.drivers import common
-from rayalign.tracking import MetricsLogger, ProgressReporter, average_metrics, plot_metrics
+from rayalign.rundir import RunDir
+from rayalign.tracking import ProgressReporter, average_metrics, plot_metrics
 
 logger = logging.getLogger("rayalign")
 
@@ -42,33 +43,21 @@ def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dic
     """Run one offline job to the end; returns final metrics and the model directory.
     `report` (Ray Tune) receives the latest train + eval metrics after every evaluation."""
     kind = job_kind(cfg)
+    common.check_models(cfg)  # model dirs: files, safetensors headers, custom code, vocab size
     data = common.prepare_data(cfg, kind)  # validates paths and rows before any actor starts
-    if cfg.resume_from_checkpoint:  # a missing or damaged checkpoint fails before Ray starts
-        ckpt.verify_checkpoint(ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint))
-    ensure_ray(cfg.ray.address, common.local_num_cpus(cfg), cfg.ray.namespace)
-    train_ds, eval_batches = data.build(cfg)
-    cache_status = ("hit" if data.cache_hit else "miss") if data.uses_cache else None
     steps_per_epoch = common.steps_per_epoch(data.num_train_rows, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-
-    failures = 0
-    resume = cfg.resume_from_checkpoint
-    while True:
-        try:
-            return _attempt(cfg, kind, data, train_ds, eval_batches, cache_status, steps_per_epoch,
-                            total_steps, resume, report, failures)
-        except ActorFailure as exc:
-            failures += 1
-            if failures > cfg.max_failures:
-                raise ActorFailure(f"{exc}; giving up after {failures} failure(s) "
-                                   f"(max_failures={cfg.max_failures})") from exc
-            resume = "latest" if ckpt.list_checkpoints(cfg.output_dir) else None
-            logger.warning("actor failure %d of max_failures=%d (%s): recreating the actor groups and "
-                           "restoring from %s", failures, cfg.max_failures, exc,
-                           "the last complete checkpoint" if resume else "step 0 (no checkpoint yet)")
+    resume, resume_step = common.check_run_start(cfg, total_steps)  # output dir and resume: before Ray starts
+    with RunDir(cfg, resume_step) as run:
+        ensure_ray(cfg.ray.address, common.local_num_cpus(cfg), cfg.ray.namespace)
+        train_ds, eval_batches = data.build(cfg)
+        cache_status = ("hit" if data.cache_hit else "miss") if data.uses_cache else None
+        return common.with_recovery(cfg, run, resume, lambda resume, recoveries: _attempt(
+            cfg, kind, run, data, train_ds, eval_batches, cache_status, steps_per_epoch, total_steps, resume,
+            report, recoveries))
 
 
-def _attempt(cfg, kind, data, train_ds, eval_batches, cache_status, steps_per_epoch, total_steps,
+def _attempt(cfg, kind, run, data, train_ds, eval_batches, cache_status, steps_per_epoch, total_steps,
              resume, report, recoveries) -> dict:
     """One try at the run: start the actor groups, restore `resume` if given, train to the end."""
     placements = common.group_placements(cfg)
@@ -93,20 +82,14 @@ def _attempt(cfg, kind, data, train_ds, eval_batches, cache_status, steps_per_ep
 
         state = {"step": 0, "log_history": []}
         if resume:
-            path = ckpt.resolve_checkpoint(cfg.output_dir, resume)
-            local = ckpt.download_checkpoint(path, common.staging_root(cfg))
+            local = ckpt.download_checkpoint(resume, common.staging_root(cfg))
             learners.call("load", local)
             state = ckpt.load_trainer_state(local)
-            logger.info("resumed from %s at step %d", path, state["step"])
+            logger.info("resumed from %s at step %d", resume, state["step"])
         files = storage.RunFiles(cfg.output_dir)  # logs: local, or a mirror synced to the URI
         if resume:
             files.pull()
-        tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to,
-                                run_name=cfg.logging.run_name, project=cfg.logging.project,
-                                config_dict=to_dict(cfg))
-        tracker.truncate_after(state["step"])
-        if recoveries:
-            tracker.log({"recoveries": recoveries}, step=state["step"])
+        tracker = None  # opened once the first step succeeded: the run owns the dir from then on
         progress = ProgressReporter(total_steps, enabled=cfg.logging.progress_bar, desc=f"rayalign {kind}")
 
         epoch = None
@@ -124,6 +107,8 @@ def _attempt(cfg, kind, data, train_ds, eval_batches, cache_status, steps_per_ep
                 learners.scatter("set_data", [(s, epoch, step_in_epoch * cfg.gradient_accumulation_steps)
                                               for s in shards])
             results = learners.call("train_step", timeout=cfg.learner.collective_timeout_s)
+            if tracker is None:
+                tracker = common.open_tracker(cfg, run, files, state["step"], recoveries)
             interval.append(average_metrics(results))
             done = step + 1
             if done % cfg.logging_steps == 0 or done == total_steps:
@@ -143,7 +128,7 @@ def _attempt(cfg, kind, data, train_ds, eval_batches, cache_status, steps_per_ep
                     report(_latest(state["log_history"], done))
             if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
                 common.save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch},
-                            name=f"checkpoint-{done}", metrics=final_eval)
+                            name=f"checkpoint-{done}", metrics=final_eval, run_id=run.run_id)
                 files.sync()
         elapsed = time.time() - t0
         steps_run = total_steps - state["step"]
@@ -154,7 +139,8 @@ def _attempt(cfg, kind, data, train_ds, eval_batches, cache_status, steps_per_ep
         learners.call("drain")
         data.end_epoch(cfg)
         final_state = {**state, "step": total_steps, "epoch": total_steps / steps_per_epoch}
-        common.save(cfg, learners, final_state, name=f"checkpoint-{total_steps}", metrics=final_eval)
+        common.save(cfg, learners, final_state, name=f"checkpoint-{total_steps}", metrics=final_eval,
+                    run_id=run.run_id)
         model_dir = common.publish_final(cfg, total_steps, final_eval)
         throughput = {"train_runtime": elapsed,
                       "train_samples_per_second": steps_run * cfg.global_batch_size / max(elapsed, 1e-9),

@@ -27,18 +27,20 @@ import ray
 from rayalign import checkpoint as ckpt
 from rayalign import storage
 from rayalign import weight_sync as weight_sync_lib
-from rayalign.actors.group import ActorFailure, ActorGroup, GroupSpec, ensure_ray
+from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
 from rayalign.actors.rollout import (Rollout, StaleRolloutError, WeightSyncError, actor_env, resolve_backend,
                                      sampling_from_config)
-from rayalign.config import OnlineDPOConfig, to_dict
+from rayalign.config import OnlineDPOConfig
 from rayalign.data import DataError, load_prompt_rows
 from rayalign.drivers import common
+from rayalign.rundir import RunDir
 from rayalign.models import weights as weights_lib
 from rayalign.models.loading import load_tokenizer
-from rayalign.scoring import RewardSources, build_judge, check_reward_sources, is_function_spec, judge_pairs
-from rayalign.tracking import MetricsLogger, ProgressReporter, average_metrics, plot_metrics
+from rayalign.scoring import (RewardSources, build_judge, check_judge_model, check_reward_sources, is_function_spec,
+                              judge_pairs, probe_reward_functions, source_labels)
+from rayalign.tracking import ProgressReporter, average_metrics, plot_metrics
 
 logger = logging.getLogger("rayalign")
 
@@ -80,29 +82,19 @@ class Prompts:
 def train_online(cfg: OnlineDPOConfig) -> dict:
     """Run online DPO to the end; returns final metrics, the model dir and the checkpoint."""
     prompts = Prompts(cfg)  # every prompt row checked before anything starts
+    common.check_models(cfg)
     if cfg.judge is None:
-        check_reward_sources(cfg.reward_sources)
+        check_reward_sources(cfg.reward_sources, trust_remote_code=cfg.trust_remote_code)
+        probe_reward_functions(cfg.reward_sources, prompts.rows)
     else:
-        from rayalign.models.loading import _check_exists
-
-        _check_exists(cfg.judge.model_name_or_path, "judge.model_name_or_path")
+        check_judge_model(cfg.judge, "judge", trust_remote_code=cfg.trust_remote_code)
     backend = resolve_backend(cfg.rollout.backend)
-    if cfg.resume_from_checkpoint:
-        ckpt.verify_checkpoint(ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint))
-    ensure_ray(cfg.ray.address, _num_cpus(cfg), cfg.ray.namespace)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * prompts.steps_per_epoch)
-    failures, resume = 0, cfg.resume_from_checkpoint
-    while True:
-        try:
-            return _attempt(cfg, prompts, backend, total_steps, resume, failures)
-        except ActorFailure as exc:
-            failures += 1
-            if failures > cfg.max_failures:
-                raise ActorFailure(f"{exc}; giving up after {failures} failure(s) "
-                                   f"(max_failures={cfg.max_failures})") from exc
-            resume = "latest" if ckpt.list_checkpoints(cfg.output_dir) else None
-            logger.warning("actor failure %d of max_failures=%d (%s): restarting from %s", failures,
-                           cfg.max_failures, exc, resume or "step 0")
+    resume, resume_step = common.check_run_start(cfg, total_steps)  # output dir and resume: before Ray starts
+    with RunDir(cfg, resume_step) as run:
+        ensure_ray(cfg.ray.address, _num_cpus(cfg), cfg.ray.namespace)
+        return common.with_recovery(cfg, run, resume, lambda resume, recoveries: _attempt(
+            cfg, prompts, backend, total_steps, run, resume, recoveries))
 
 
 def _num_cpus(cfg: OnlineDPOConfig) -> int:
@@ -126,7 +118,8 @@ class Step:
         self.table: list[dict] = []
 
 
-def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: int, resume, recoveries) -> dict:
+def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: int, run: RunDir, resume,
+             recoveries) -> dict:
     groups: list[ActorGroup] = []
     scorer = judge = batches = None
     try:
@@ -151,11 +144,12 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
         groups.append(rollouts)
         if cfg.judge is not None:
             judge, judge_group = build_judge(cfg.judge, max_length=cfg.max_length,
-                                             trust_remote_code=cfg.trust_remote_code)
+                                             trust_remote_code=cfg.trust_remote_code, nonfinite=cfg.nonfinite_scores)
             groups.append(judge_group)
         else:
             scorer = RewardSources(cfg.reward_sources, cfg.reward_weights, cfg.scoring, cfg.max_length,
-                                   cfg.trust_remote_code)
+                                   cfg.trust_remote_code, nonfinite=cfg.nonfinite_scores,
+                                   labels=source_labels(cfg.reward_sources, len(cfg.reward_funcs)))
 
         learners.init_distributed(common.backend(cfg), cfg.learner.collective_timeout_s)
         ref_handles = [references.actors[i % len(references)] if references else None for i in range(len(learners))]
@@ -165,21 +159,15 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
 
         state: dict[str, Any] = {"step": 0, "log_history": []}
         if resume:
-            path = ckpt.resolve_checkpoint(cfg.output_dir, resume)
-            local = ckpt.download_checkpoint(path, common.staging_root(cfg))
+            local = ckpt.download_checkpoint(resume, common.staging_root(cfg))
             learners.call("load", local)
             state = ckpt.load_trainer_state(local)
-            logger.info("resumed from %s at step %d", path, state["step"])
+            logger.info("resumed from %s at step %d", resume, state["step"])
         files = storage.RunFiles(cfg.output_dir)
         if resume:
             files.pull()
-        tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to, run_name=cfg.logging.run_name,
-                                project=cfg.logging.project, config_dict=to_dict(cfg))
-        tracker.truncate_after(state["step"])
-        if recoveries:
-            tracker.log({"recoveries": recoveries}, step=state["step"])
-        sync = WeightSync(cfg, learners, rollouts, info_vocab=_vocab_size(cfg), log_dir=files.local_dir,
-                          mode=rcfg.weight_sync)
+        tracker = None  # opened once the first step succeeded: the run owns the dir from then on
+        sync = WeightSync(cfg, learners, rollouts, info_vocab=_vocab_size(cfg), mode=rcfg.weight_sync)
         sync.push(version=state["step"])  # engines start from the learner's (restored) weights
         progress = ProgressReporter(total_steps, enabled=cfg.logging.progress_bar, desc="rayalign online-dpo")
         rng = random.Random(cfg.seed * 7919 + state["step"])
@@ -199,6 +187,9 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
             rows = next(batches)
             result = _online_step(cfg, rows, step, prompts.conversational, rollouts, learners, scorer, judge,
                                   sampling, sync, rng, cfg.beta_for_epoch(step_epoch))
+            if tracker is None:
+                tracker = common.open_tracker(cfg, run, files, state["step"], recoveries)
+                sync.log_to(files.local_dir)
             interval.append(result.metrics)
             done = step + 1
             if cfg.log_completions and (done % log_every == 0 or done == total_steps):
@@ -216,14 +207,15 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
                 state["log_history"].append({"step": done, **final_eval})
             if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
                 common.save(cfg, learners, {**state, "step": done, "epoch": done / prompts.steps_per_epoch},
-                            name=f"checkpoint-{done}", metrics=final_eval)
+                            name=f"checkpoint-{done}", metrics=final_eval, run_id=run.run_id)
                 files.sync()
         elapsed = time.time() - t0
         steps_run = total_steps - state["step"]
         if prompts.eval_rows and (not cfg.eval_steps or total_steps % cfg.eval_steps != 0):
             final_eval = evaluate(cfg, prompts, rollouts, scorer, tracker, total_steps)
         final_state = {**state, "step": total_steps, "epoch": total_steps / prompts.steps_per_epoch}
-        common.save(cfg, learners, final_state, name=f"checkpoint-{total_steps}", metrics=final_eval)
+        common.save(cfg, learners, final_state, name=f"checkpoint-{total_steps}", metrics=final_eval,
+                    run_id=run.run_id)
         model_dir = common.publish_final(cfg, total_steps, final_eval)
         throughput = {"train_runtime": elapsed,
                       "train_samples_per_second": steps_run * cfg.prompts_per_step * 2 / max(elapsed, 1e-9),
@@ -348,13 +340,15 @@ class WeightSync:
     weights sampled every step."""
 
     def __init__(self, cfg: OnlineDPOConfig, learners: ActorGroup, rollouts: ActorGroup, info_vocab: int,
-                 log_dir: str, mode: str = "object_store"):
+                 log_dir: str | None = None, mode: str = "object_store"):
         self.cfg = cfg
         self.learners = learners
         self.rollouts = rollouts
         self.version = -1
         self.probe = weights_lib.probe_ids(info_vocab) if cfg.rollout.verify_weights else None
-        self.log_path = os.path.join(log_dir, "weight_sync.jsonl")
+        # None until the run owns its output dir: records wait in memory (log_to)
+        self.log_path = os.path.join(log_dir, "weight_sync.jsonl") if log_dir else None
+        self._pending: list[str] = []
         self.mode = mode  # resolved rollout.weight_sync: object_store or nccl
         if mode == "nccl":
             self._open_group()
@@ -380,11 +374,24 @@ class WeightSync:
         if rcfg.verify_weights:
             metrics.update(self.verify(export, loaded, version))
         self.version = version
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps({"version": version, "seconds": seconds, "export_s": t_export,
-                                "learner": export["fingerprint"], "rollouts": [x["fingerprint"] for x in loaded],
-                                "probe_max_abs_diff": metrics.get("sync/probe_max_abs_diff")}) + "\n")
+        self._pending.append(json.dumps({"version": version, "seconds": seconds, "export_s": t_export,
+                                         "learner": export["fingerprint"],
+                                         "rollouts": [x["fingerprint"] for x in loaded],
+                                         "probe_max_abs_diff": metrics.get("sync/probe_max_abs_diff")}))
+        self._flush()
         return metrics
+
+    def log_to(self, log_dir: str) -> None:
+        """Start appending the audit trail to `<log_dir>/weight_sync.jsonl` (pushes so far too)."""
+        self.log_path = os.path.join(log_dir, "weight_sync.jsonl")
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.log_path is None or not self._pending:
+            return
+        with open(self.log_path, "a") as f:
+            f.write("".join(line + "\n" for line in self._pending))
+        self._pending = []
 
     # ---------------------------------------------- weight_sync=nccl (rayalign/weight_sync.py)
 

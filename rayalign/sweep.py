@@ -119,6 +119,7 @@ def trial_config(sweep: SweepConfig, params: dict, output_dir: str):
     for key, value in params.items():
         raw = _set_dotted(raw, key, value)
     raw = _set_dotted(raw, "output_dir", output_dir)
+    raw = _set_dotted(raw, "overwrite_output_dir", True)  # the trial's own dir: a Tune retry starts it anew
     raw = _set_dotted(raw, "logging.progress_bar", False)
     return from_dict(cls, raw)
 

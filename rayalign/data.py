@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,9 @@ def normalize_preference_row(row: dict, source: str, index: int) -> dict:
     if row.get("margin") is not None:
         if not isinstance(row["margin"], (int, float)) or isinstance(row["margin"], bool):
             raise _bad(source, index, "margin", f"expected a number, got {row['margin']!r}")
+        if not math.isfinite(row["margin"]):
+            raise _bad(source, index, "margin", f"must be finite, got {row['margin']} (it is subtracted from "
+                       "the reward difference in the loss)")
         out["margin"] = float(row["margin"])
     return out
 
@@ -297,7 +301,17 @@ def _normalize_all(rows: list[dict], kind: str, source: str, drop_bad_rows: bool
             continue
         clean["row_index"] = i
         out.append(clean)
+    _check_margins(out, source)
     return out, dropped
+
+
+def _check_margins(rows: list[dict], source: str) -> None:
+    """A margin on some rows only would be dropped for every batch that mixes them (a batch
+    carries a margin only when all its rows have one): refuse, naming the rows without."""
+    missing = [r["row_index"] for r in rows if "margin" not in r]
+    if missing and len(missing) < len(rows):
+        raise DataError(f"{source}: field 'margin' is set on {len(rows) - len(missing)} rows but missing (or null) on "
+                        f"{len(missing)}, e.g. rows {missing[:5]}: give every row a margin, or none")
 
 
 def validate_file(path: str, tokenizer, settings: TokenizeSettings, *, kind: str = "preference",

@@ -226,7 +226,7 @@ class _HFEngine:
         temperature = sampling.get("temperature", 1.0)
         if temperature and temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=sampling.get("top_p", 1.0),
-                          top_k=sampling.get("top_k") or 0)
+                          top_k=max(sampling.get("top_k") or 0, 0))  # -1 (vLLM's "off") is HF's 0
             if sampling.get("min_p") is not None:
                 kwargs["min_p"] = sampling["min_p"]
         else:

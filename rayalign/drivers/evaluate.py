@@ -34,8 +34,8 @@ from rayalign.data import DataError, _is_messages, prompt_text_and_ids, read_row
 from rayalign.drivers.online import as_completion, generate
 from rayalign.evaluation import (ModelSpec, balanced_swaps, expand_models, judge_swapped, mean_interval,
                                  outcome_score, plot_models, win_rate)
-from rayalign.models.loading import _check_exists, load_tokenizer
-from rayalign.scoring import build_judge, load_function
+from rayalign.models.loading import check_model_dir, load_tokenizer
+from rayalign.scoring import build_judge, check_scorer_dir, load_function
 from rayalign.tracking import MetricsLogger
 
 logger = logging.getLogger("rayalign")
@@ -50,10 +50,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows = load_eval_rows(cfg)
     checker = load_function(cfg.checker, "checker") if cfg.checker else None
     for path, name in ((cfg.reward_model_path, "reward_model_path"),
-                       (cfg.judge and cfg.judge.model_name_or_path, "judge.model_name_or_path"),
-                       (cfg.baseline if cfg.baseline != "reference" else None, "baseline")):
+                       (cfg.judge and cfg.judge.model_name_or_path, "judge.model_name_or_path")):
         if path:
-            _check_exists(path, name)
+            check_scorer_dir(path, name, trust_remote_code=cfg.trust_remote_code)
+    for path, name in [(m.path, f"models ({m.name})") for m in models] + [
+            (cfg.baseline if cfg.baseline != "reference" else None, "baseline")]:
+        if path:  # files, safetensors headers, custom code: before any actor loads them
+            check_model_dir(path, name, trust_remote_code=cfg.trust_remote_code)
     backend = resolve_backend(cfg.rollout.backend)
     ensure_ray(cfg.ray.address, _num_cpus(cfg), cfg.ray.namespace)
     files = storage.RunFiles(cfg.output_dir)

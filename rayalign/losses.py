@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,9 +67,11 @@ def _exo_pair(t: PairTerms) -> torch.Tensor:
     eps = t.label_smoothing
     if eps <= 0:
         raise ValueError("loss_type='exo_pair' needs label_smoothing > 0")
-    # TRL builds epsilon as a float32 tensor, so its logs are float32-rounded constants.
-    log_1m_eps = float(np.log(np.float32(1.0) - np.float32(eps)))
-    log_eps = float(np.log(np.float32(eps)))
+    # TRL builds epsilon as a float32 tensor and takes log1p(-eps) and log(eps) of it, so
+    # both are float32-rounded constants even when the log-probs are float64.
+    eps32 = torch.tensor(eps, dtype=torch.float32)
+    log_1m_eps = float(torch.log1p(-eps32))
+    log_eps = float(torch.log(eps32))
     z = t.beta * t.delta
     return torch.sigmoid(z) * (F.logsigmoid(z) - log_1m_eps) + torch.sigmoid(-z) * (F.logsigmoid(-z) - log_eps)
 

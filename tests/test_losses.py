@@ -45,8 +45,9 @@ def reference(kind, pc, pr, rc, rr, nc, nr, beta, eps, fdiv="reverse_kl", a=1.0,
     if kind == "ipo":
         return (uc / np.maximum(nc, 1) - ur / np.maximum(nr, 1) - 1 / (2 * beta)) ** 2
     if kind == "exo_pair":
-        l1 = float(np.log(np.float32(1) - np.float32(eps)))
-        l2 = float(np.log(np.float32(eps)))
+        # TRL's constants: log1p(-eps) and log(eps) of a float32 (torch's default dtype) tensor
+        e32 = torch.tensor(eps, dtype=torch.float32)
+        l1, l2 = float(torch.log1p(-e32)), float(torch.log(e32))
         return sig(z) * (logsig(z) - l1) + sig(-z) * (logsig(-z) - l2)
     if kind == "nca_pair":
         return -logsig(beta * hc) - 0.5 * logsig(-beta * hc) - 0.5 * logsig(-beta * hr)

@@ -66,3 +66,47 @@ def test_bad_safetensors_files(tmp_path, content, match):
 
 def test_a_hub_id_is_left_to_from_pretrained():
     check_model_dir("Qwen/Qwen2.5-0.5B", "model_name_or_path")  # no network: nothing local to read
+
+
+# ----------------------------------------------------------------------------- where drivers call it
+
+
+@pytest.fixture(scope="module")
+def truncated_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bad") / "truncated-rm"
+    shutil.copytree(tiny_model_dir, out)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return out
+
+
+def test_reward_model_and_judge_dirs_are_checked_with_their_own_tokenizer(tiny_model_dir, truncated_dir, tmp_path):
+    from rayalign.config import JudgeConfig
+    from rayalign.scoring import check_judge_model, check_reward_sources
+
+    check_reward_sources(["rayalign.demo.task:demo_reward", tiny_model_dir])
+    with pytest.raises(ModelLoadError, match=r"reward_funcs\[1\]: .*truncated-rm/model.safetensors is truncated"):
+        check_reward_sources(["rayalign.demo.task:demo_reward", str(truncated_dir)])
+    big = tmp_path / "rm-big-tokenizer"
+    shutil.copytree(tiny_model_dir, big)
+    tok = load_tokenizer(tiny_model_dir)
+    tok.add_tokens(["<x1>", "<x2>"])
+    tok.save_pretrained(big)
+    with pytest.raises(ModelLoadError, match=r"judge.model_name_or_path: the tokenizer has \d+ tokens but"):
+        check_judge_model(JudgeConfig(model_name_or_path=str(big)))
+
+
+def test_eval_refuses_a_truncated_model_before_ray(truncated_dir, demo_data_dir, tmp_path, monkeypatch):
+    import ray
+
+    import rayalign
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_was_up = ray.is_initialized()
+    out = tmp_path / "eval"
+    with pytest.raises(ModelLoadError, match=r"models \(truncated-rm\): .*model.safetensors is truncated"):
+        rayalign.evaluate({"models": [str(truncated_dir)], "eval_dataset": f"{demo_data_dir}/sft_eval.jsonl",
+                           "output_dir": str(out), "checker": "rayalign.demo.task:check_answers"})
+    assert not out.exists()
+    if not ray_was_up:
+        assert not ray.is_initialized()

@@ -7,8 +7,15 @@ A checkpoint directory `<output_dir>/checkpoint-<step>/` holds:
     rayalign_config.yaml      the run config, as text (never a pickle)
     trainer_state.json        step, epoch, data position, log history
     rng_state_<rank>.json / .safetensors   python/numpy/torch RNG states per rank
-    deepspeed/                optimizer and scheduler states (DeepSpeed save_checkpoint)
+    learner_state/shared.json / .safetensors   trainable weights, scheduler and engine
+                              counters (rank 0), and the optimizer when it is replicated (ZeRO-0)
+    learner_state/rank_<rank>.json / .safetensors   each rank's ZeRO optimizer partition
     rayalign_complete.json    the completion marker, written last
+
+Nothing in a checkpoint is a pickle: state is written with `save_state` (tensors in
+safetensors, the structure around them in JSON) and read back with `load_state`, which
+never imports or calls anything named in the file. Checkpoints of older rayalign versions
+(DeepSpeed's pickled `deepspeed/*.pt`) are refused by `check_resumable`.
 
 Learners write into a local staging directory; `commit_checkpoint` publishes it: on a
 local filesystem by renaming a `.tmp-*` directory into place (atomic), elsewhere by
@@ -18,6 +25,8 @@ checkpoint without a valid marker is never loaded; `latest` falls back past it.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
 import os
@@ -41,8 +50,13 @@ MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json
                "special_tokens_map.json", "chat_template.jinja", "README.md", "rayalign_config.yaml")
 
 
+LEARNER_STATE = "learner_state"
+_LEGACY_STATE = "deepspeed"  # older rayalign: engine.save_checkpoint's pickles
+STATE_FORMAT = "rayalign-state-v1"
+
+
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or damaged; the message names it."""
+    """A checkpoint that is missing, incomplete, damaged or not loadable; the message names it."""
 
 
 _fs = storage.resolve
@@ -116,6 +130,24 @@ def verify_checkpoint(path: str) -> dict:
         if info.size != size:
             raise CheckpointError(f"{path}: file {rel} is {info.size} bytes, expected {size} (damaged)")
     return marker
+
+
+def check_resumable(path: str) -> dict:
+    """verify_checkpoint, then CheckpointError unless `path` holds rayalign's pickle-free
+    learner state; a checkpoint of an older rayalign (optimizer state in DeepSpeed's pickled
+    `deepspeed/*.pt`) is refused, never unpickled. Returns the marker. Drivers call it before
+    Ray starts; learners call it again before they read anything."""
+    marker = verify_checkpoint(path)
+    files = marker.get("files", {})
+    if f"{LEARNER_STATE}/shared.json" in files:
+        return marker
+    if any(rel.startswith(f"{_LEGACY_STATE}/") for rel in files):
+        raise CheckpointError(
+            f"{path}: written by an older rayalign version, whose optimizer state is in DeepSpeed's pickle "
+            f"format ({_LEGACY_STATE}/*.pt). Unpickling a file can run arbitrary code, so this checkpoint will "
+            f"not be loaded. To continue from its weights, start a new run with model_name_or_path={path}.")
+    raise CheckpointError(f"{path}: no learner state ({LEARNER_STATE}/shared.json): it holds model weights "
+                          "only and cannot be resumed; use it as model_name_or_path instead")
 
 
 def is_complete(path: str) -> bool:
@@ -302,3 +334,149 @@ def load_rng_state(directory: str, rank: int) -> None:
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])
+
+
+# ----------------------------------------------------------------------------- state without pickle
+
+
+@dataclasses.dataclass
+class SavedObject:
+    """An object met in saved state (e.g. DeepSpeed's loss scaler), kept as its class name
+    and plain attributes. Loading never imports or builds it: `restore_objects` writes the
+    attributes into the live object of the same class."""
+
+    type_name: str
+    attrs: dict
+
+
+def _type_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def save_state(stem: str, state) -> None:
+    """Write nested state as `<stem>.safetensors` (its tensors) + `<stem>.json` (the rest):
+    dicts, lists, tuples (namedtuples and torch.Size become tuples), str, int, float, bool,
+    None, enums (as their value), torch dtypes, and objects whose attributes are such values.
+    Anything else raises TypeError: the save fails rather than losing state."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(x, where: str):
+        if isinstance(x, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = x.detach().to("cpu", copy=True).contiguous()  # copies: views share storage
+            return {"__tensor__": key}
+        if isinstance(x, enum.Enum):
+            return encode(x.value, where)
+        if x is None or isinstance(x, (bool, str, float)):
+            return x
+        if isinstance(x, int):
+            return int(x)
+        if isinstance(x, np.generic):
+            return encode(x.item(), where)
+        if isinstance(x, torch.dtype):
+            return {"__dtype__": str(x).removeprefix("torch.")}
+        if isinstance(x, tuple):
+            return {"__tuple__": [encode(v, f"{where}[{i}]") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [encode(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: encode(v, f"{where}.{k}") for k, v in x.items()}
+            return {"__dict__": [[encode(k, where), encode(v, f"{where}[{k!r}]")] for k, v in x.items()]}
+        if hasattr(x, "__dict__") and not callable(x):
+            return {"__object__": _type_name(x),
+                    "attrs": {k: encode(v, f"{where}.{k}") for k, v in vars(x).items()}}
+        raise TypeError(f"save_state: {where} is a {_type_name(x)}, which has no pickle-free form")
+
+    doc = {"format": STATE_FORMAT, "state": encode(state, "state")}
+    save_file(tensors, f"{stem}.safetensors")
+    Path(f"{stem}.json").write_text(json.dumps(doc))
+
+
+def load_state(stem: str):
+    """The state `save_state` wrote at `stem`, objects as SavedObject. Only JSON and
+    safetensors are parsed; anything that does not fit that format raises CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    def read(name: str, parse):
+        try:
+            return parse(name)
+        except FileNotFoundError:
+            raise CheckpointError(f"{name}: learner state file missing") from None
+        except (OSError, ValueError, RecursionError, SafetensorError) as exc:
+            raise CheckpointError(f"{name}: unreadable learner state ({type(exc).__name__}: {exc})") from None
+
+    doc = read(f"{stem}.json", lambda name: json.loads(Path(name).read_text()))
+    tensors = read(f"{stem}.safetensors", load_file)
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{stem}.json: not a {STATE_FORMAT} file")
+
+    def bad(why: str):
+        return CheckpointError(f"{stem}.json: {why} (damaged or not written by rayalign)")
+
+    def decode(x):
+        if isinstance(x, list):
+            return [decode(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        tags = [k for k in x if k.startswith("__")]
+        if not tags:
+            return {k: decode(v) for k, v in x.items()}
+        tag = tags[0]
+        if tag == "__tensor__" and len(x) == 1:
+            if x[tag] not in tensors:
+                raise bad(f"tensor {x[tag]!r} is not in {stem}.safetensors")
+            return tensors[x[tag]]
+        if tag == "__tuple__" and len(x) == 1 and isinstance(x[tag], list):
+            return tuple(decode(v) for v in x[tag])
+        if tag == "__dict__" and len(x) == 1 and isinstance(x[tag], list):
+            out = {}
+            for pair in x[tag]:
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise bad("a __dict__ entry is not a [key, value] pair")
+                key = decode(pair[0])
+                try:
+                    out[key] = decode(pair[1])
+                except TypeError:
+                    raise bad(f"unhashable key {key!r}") from None
+            return out
+        if tag == "__dtype__" and len(x) == 1:
+            dtype = getattr(torch, str(x[tag]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise bad(f"unknown dtype {x[tag]!r}")
+            return dtype
+        if tag == "__object__" and set(x) == {"__object__", "attrs"} and isinstance(x["attrs"], dict):
+            return SavedObject(str(x[tag]), {str(k): decode(v) for k, v in x["attrs"].items()})
+        raise bad(f"unknown entry {sorted(x)}")
+
+    try:
+        return decode(doc.get("state"))
+    except RecursionError:
+        raise bad("nested too deeply") from None
+
+
+def restore_objects(saved, live):
+    """`saved` (from load_state) with every SavedObject replaced by the object at the same
+    place in `live` (the current state, e.g. `optimizer.state_dict()`), after writing the
+    saved attributes into it. The class must match and the attributes must exist on the
+    live object; otherwise CheckpointError."""
+    if isinstance(saved, SavedObject):
+        if live is None or _type_name(live) != saved.type_name:
+            raise CheckpointError(f"saved state holds a {saved.type_name} where this run has "
+                                  f"{'nothing' if live is None else _type_name(live)}")
+        current = vars(live)
+        for key, value in saved.attrs.items():
+            if key not in current:
+                raise CheckpointError(f"saved {saved.type_name} has an attribute {key!r} this version lacks")
+            setattr(live, key, restore_objects(value, current[key]))
+        return live
+    if isinstance(saved, dict):
+        return {k: restore_objects(v, live.get(k) if isinstance(live, dict) else None) for k, v in saved.items()}
+    if isinstance(saved, (list, tuple)):
+        same = isinstance(live, (list, tuple)) and len(live) == len(saved)
+        items = [restore_objects(v, live[i] if same else None) for i, v in enumerate(saved)]
+        return tuple(items) if isinstance(saved, tuple) else items
+    return saved

@@ -382,7 +382,7 @@ class PolicyLearner(DistributedWorker):
         return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def save(self, staging_dir: str, *, with_state: bool = True) -> None:
-        """Write HF files (rank 0) and DeepSpeed/RNG state (every rank) into `staging_dir`."""
+        """Write HF files (rank 0) and learner/RNG state (every rank) into `staging_dir`."""
         from rayalign.checkpoint import save_rng_state
 
         os.makedirs(staging_dir, exist_ok=True)
@@ -399,17 +399,92 @@ class PolicyLearner(DistributedWorker):
             if gen is not None and not self.cfg.lora.enabled:
                 gen.save_pretrained(staging_dir)
         if with_state:
-            self.engine.save_checkpoint(os.path.join(staging_dir, "deepspeed"), tag="state",
-                                        save_latest=False)
+            self._save_state(staging_dir)
             save_rng_state(staging_dir, self.rank)
         torch.distributed.barrier()
 
-    def load(self, checkpoint_dir: str) -> None:
-        """Restore model, optimizer, scheduler and RNG from a checkpoint dir."""
-        from rayalign.checkpoint import load_rng_state
+    def _save_state(self, staging_dir: str) -> None:
+        """Optimizer, scheduler and engine counters without pickle (rayalign.checkpoint.save_state)
+        in place of DeepSpeed's save_checkpoint. Rank 0 writes what every rank holds alike: the
+        trainable weights (ZeRO 0-2; ZeRO-3 restores them from its fp32 partitions), the
+        scheduler, the counters and, unpartitioned (ZeRO-0), the optimizer; with ZeRO each rank
+        writes its own optimizer partition."""
+        from rayalign.checkpoint import LEARNER_STATE, save_state
 
-        path, _ = self.engine.load_checkpoint(os.path.join(checkpoint_dir, "deepspeed"), tag="state",
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"{checkpoint_dir}: DeepSpeed state could not be loaded")
-        load_rng_state(checkpoint_dir, self.rank)
+        engine = self.engine
+        directory = os.path.join(staging_dir, LEARNER_STATE)
+        os.makedirs(directory, exist_ok=True)
+        if self.rank == 0:
+            shared = {"zero_stage": self.cfg.learner.zero_stage, "world_size": self.world_size,
+                      "engine": {"global_steps": int(engine.global_steps),
+                                 "global_samples": int(engine.global_samples),
+                                 "skipped_steps": int(engine.skipped_steps)},
+                      "lr_scheduler": engine.lr_scheduler.state_dict()}
+            if self.cfg.learner.zero_stage < 3:
+                shared["module"] = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+            if not engine.zero_optimization():
+                shared["optimizer"] = engine.optimizer.state_dict()
+            save_state(os.path.join(directory, "shared"), shared)
+        if engine.zero_optimization():
+            save_state(os.path.join(directory, f"rank_{self.rank}"), {"optimizer": engine.optimizer.state_dict()})
+
+    def load(self, checkpoint_dir: str) -> None:
+        """Restore weights, optimizer, scheduler, counters and RNG from a checkpoint dir.
+        Mirrors DeepSpeed's load_checkpoint, reading rayalign's pickle-free files instead."""
+        from rayalign import checkpoint as ckpt
+
+        ckpt.check_resumable(checkpoint_dir)  # refuses older, pickled DeepSpeed state
+        engine = self.engine
+        directory = os.path.join(checkpoint_dir, ckpt.LEARNER_STATE)
+        shared = ckpt.load_state(os.path.join(directory, "shared"))
+        saved = (shared.get("zero_stage"), shared.get("world_size"))
+        if saved != (self.cfg.learner.zero_stage, self.world_size):
+            raise ckpt.CheckpointError(
+                f"{checkpoint_dir}: saved with learner.zero_stage={saved[0]} on {saved[1]} learner(s); this run "
+                f"has learner.zero_stage={self.cfg.learner.zero_stage} on {self.world_size}: resume with those")
+        if engine._optimizer_has_ckpt_event_prologue():
+            engine.optimizer.checkpoint_event_prologue()
+        try:
+            if self.cfg.learner.zero_stage < 3:
+                self._load_trainable_weights(shared["module"])
+            if engine.zero_optimization():
+                own = ckpt.load_state(os.path.join(directory, f"rank_{self.rank}"))["optimizer"]
+                own = ckpt.restore_objects(own, engine.optimizer.state_dict())
+                engine.optimizer.load_state_dict(
+                    state_dict_list=[own if r == self.rank else None for r in range(self.world_size)],
+                    load_optimizer_states=True, load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
+                    checkpoint_folder=None, load_serial=None, param_shapes=engine._get_zero_param_shapes())
+            else:
+                state = ckpt.restore_objects(shared["optimizer"], engine.optimizer.state_dict())
+                if engine.fp16_enabled() or engine.bfloat16_enabled():
+                    engine.optimizer.load_state_dict(state, load_optimizer_states=True)
+                else:
+                    engine.optimizer.load_state_dict(state)
+            engine.lr_scheduler.load_state_dict(shared["lr_scheduler"])
+            counters = shared["engine"]
+            engine.global_steps = int(counters["global_steps"])
+            engine.global_samples = int(counters["global_samples"])
+            engine.skipped_steps = int(counters["skipped_steps"])
+        except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
+            if isinstance(exc, ckpt.CheckpointError):
+                raise
+            raise ckpt.CheckpointError(f"{checkpoint_dir}: learner state does not fit this run "
+                                       f"({type(exc).__name__}: {exc})") from exc
+        if engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()
+        ckpt.load_rng_state(checkpoint_dir, self.rank)
+
+    @torch.no_grad()
+    def _load_trainable_weights(self, saved: dict) -> None:
+        """Copy the saved trainable weights into the module (frozen ones come from setup)."""
+        from rayalign.checkpoint import CheckpointError
+
+        params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        if not isinstance(saved, dict) or saved.keys() != params.keys():
+            missing = sorted(params.keys() - saved.keys()) if isinstance(saved, dict) else []
+            raise CheckpointError(f"saved trainable weights do not match this model's (missing: {missing[:3]})")
+        for name, p in params.items():
+            value = saved[name]
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                raise CheckpointError(f"saved weight {name} does not fit this model's {tuple(p.shape)}")
+            p.data.copy_(value)

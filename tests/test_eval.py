@@ -109,7 +109,7 @@ JUDGE = {"type": "reward_model", "model_name_or_path": "rm"}
     ({"num_samples": 4}, "num_samples"),  # greedy samples would all be the same
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
-    ({"top_k": -1}, "top_k"),
+    ({"top_k": -2}, "top_k"),  # 0 and -1 both mean off (TRL / vLLM)
     ({"min_p": 2.0}, "min_p"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"checker": "no_colon"}, "checker"),

@@ -303,7 +303,7 @@ def test_an_older_pickled_deepspeed_checkpoint_is_refused(zero0, tmp_path):
     (path / "deepspeed" / "state" / "mp_rank_00_model_states.pt").write_bytes(payload)
     _recommit(path)
     for load in (ckpt.check_resumable, learner.load):
-        with pytest.raises(ckpt.CheckpointError, match="older rayalign.*pickle.*will\s+not be loaded"):
+        with pytest.raises(ckpt.CheckpointError, match=r"older rayalign.*pickle.*will\s+not be loaded"):
             load(str(path))
     assert not marker.exists()
     shutil.rmtree(path / "deepspeed")  # weights only: refused too, with its own reason

@@ -272,6 +272,7 @@ def check_resume(cfg: TrainConfig, total_steps: int) -> tuple[str, int]:
             f"resume_from_checkpoint={path}: output_dir={cfg.output_dir} also holds later checkpoints "
             f"({', '.join(later)}) that this run would not replace; set overwrite_output_dir: true to remove "
             "them once the resumed run's first step succeeded, or resume from the latest")
+    ckpt.check_resumable(path)  # learner state in rayalign's pickle-free format, never an old pickle
     return path, step
 
 

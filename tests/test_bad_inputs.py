@@ -50,6 +50,11 @@ def inputs(tiny_model_dir, demo_data_dir, tmp_path_factory):
         {"peft_type": "LORA", "base_model_name_or_path": tiny_model_dir, "r": 4, "target_modules": ["q_proj"]}))
     _bad_model_dirs(d, tiny_model_dir)
     _margin_files(d, good)
+    old = d / "old-format-staged"  # a checkpoint of an older rayalign: DeepSpeed's pickled state
+    (old / "deepspeed" / "state").mkdir(parents=True)
+    (old / "deepspeed" / "state" / "mp_rank_00_model_states.pt").write_bytes(b"pickle")
+    (old / "trainer_state.json").write_text('{"step": 1, "log_history": []}')
+    ckpt.commit_checkpoint(str(old), str(d / "old-run"), "checkpoint-1", step=1)
     return d
 
 
@@ -135,6 +140,8 @@ CASES = [
      "margin_some.jsonl: field 'margin' is set on 14 rows but missing (or null) on 2, e.g. rows [5, 9]"),
     ("rerun-into-finished-run", {"overwrite_output_dir": False}, "OutputDirError", "holds another run"),
     ("resume-at-the-end", {"resume_from_checkpoint": "latest"}, "CheckpointError", "nothing is left to train"),
+    ("resume-old-pickle-format", {"resume_from_checkpoint": "{d}/old-run/checkpoint-1"}, "CheckpointError",
+     "older rayalign version"),
 ]
 
 

@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 
 from rayalign.config import ConfigError, DPOConfig, EvalConfig, OnlineDPOConfig, RewardConfig, SFTConfig, load_config
 
 TRAIN_COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig, "online-dpo": OnlineDPOConfig}
+RAY_COMMANDS = {"demo", "sweep", "eval", *TRAIN_COMMANDS}  # SIGINT/SIGTERM stop their actors and local Ray
 
 
 def _train(command: str, argv: list[str]) -> int:
@@ -47,6 +51,48 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
+    if command not in RAY_COMMANDS:
+        return _run(command, rest)
+    from rayalign.actors.group import Interrupted, shutdown_ray
+
+    if command == "sweep":  # Tune's own SIGINT handler would end the sweep early and report success
+        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    previous = _install_signal_handlers()
+    try:
+        return _run(command, rest)
+    except Interrupted as exc:
+        shutdown_ray()
+        print(f"rayalign {command}: interrupted by {exc}; its actors and the local Ray it started are stopped",
+              file=sys.stderr, flush=True)
+        return 128 + exc.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    finally:
+        shutdown_ray()  # no-op unless this process started a local Ray (or it is stopped already)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be restored
+                signal.signal(signum, handler)
+
+
+def _install_signal_handlers() -> dict:
+    """Make the first SIGINT/SIGTERM raise `Interrupted` in the main thread, so the drivers'
+    `finally:` blocks stop their actor groups; a second one while stopping exits at once
+    (the reaper of a local Ray then kills what is left of it). Returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be set there (e.g. main() called from a thread)
+    from rayalign.actors.group import Interrupted
+
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        if stopping:
+            os._exit(128 + signum)
+        stopping = True
+        raise Interrupted(signum)
+
+    return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _run(command: str, rest: list[str]) -> int:
     try:
         if command in TRAIN_COMMANDS:
             return _train(command, rest)

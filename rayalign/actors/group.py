@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,7 +26,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rayalign import faults
+from rayalign import _reaper, faults
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,16 @@ class ClusterError(RuntimeError):
 
 class ActorFailure(RuntimeError):
     """An actor of a group died (killed, OOM, node lost); the driver may recover from it."""
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM reached the driver (the CLI raises it from its signal handler). A
+    BaseException, as KeyboardInterrupt is, so `except Exception` does not swallow it while the
+    drivers' `finally:` blocks still shut their actor groups down."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -78,8 +92,12 @@ class DistributedWorker:
             )
 
 
+_reaper_proc: subprocess.Popen | None = None  # of the local Ray ensure_ray started, if any
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespace: str | None = None) -> None:
-    """Connect to `address` / RAY_ADDRESS if given, else start a local Ray."""
+    """Connect to `address` / RAY_ADDRESS if given, else start a local Ray (and its reaper,
+    see `rayalign._reaper`, which kills what is left of it once this process is gone)."""
     if address and address not in ("auto", "local"):
         _check_reachable(address)  # also when this process already holds a Ray connection
     if ray.is_initialized():
@@ -89,14 +107,26 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
            "TOKENIZERS_PARALLELISM": "false"}
     if address and address not in ("auto", "local"):
         _check_reachable(address)
+    # ray.init replaces the SIGTERM handler with one that kills Ray and exits 1 before the
+    # drivers' `finally:` blocks run; a handler the caller installed (the CLI's) stays.
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             # No runtime_env here: inside `ray job submit` the job's own runtime env applies,
             # and Ray refuses a driver env that repeats its keys.
             ray.init(address=address, namespace=namespace, configure_logging=False)
         else:
-            ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
-                     runtime_env={"env_vars": env}, configure_logging=False)
+            _stop_reaper()  # of an earlier local Ray this process shut down itself
+            # Every process of this Ray inherits the token (gcs and raylet from us, workers and
+            # agents from raylet): the reaper finds them by it, whatever title they set.
+            token = uuid.uuid4().hex
+            os.environ[_reaper.TOKEN_ENV] = token
+            try:
+                ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+                         runtime_env={"env_vars": env}, configure_logging=False)
+            finally:
+                os.environ.pop(_reaper.TOKEN_ENV, None)  # not for processes we start later
+            _start_reaper(token)
     except ConnectionError as exc:
         raise ClusterError(f"ray.address: cannot connect to Ray at {address!r}: {exc}") from exc
     except ray.exceptions.AuthenticationError as exc:
@@ -104,7 +134,44 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
             f"ray.address: the Ray cluster at {address!r} uses token authentication: run with "
             "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN or "
             f"RAY_AUTH_TOKEN_PATH (see cluster/local/README.md): {exc}") from exc
+    finally:
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     quiet_ray_data()
+
+
+def _start_reaper(token: str) -> None:
+    """Start the reaper of the local Ray just started: in its own session, so that a SIGKILL
+    of this process's group spares it; its stdin is a pipe whose end tells it we are gone."""
+    global _reaper_proc
+    node = ray._private.worker._global_node
+    if node is None or not node.head:
+        return  # ray.init found a `ray start` Ray on this machine and joined it: not ours
+    _reaper_proc = subprocess.Popen(
+        [sys.executable, _reaper.__file__, str(os.getpid()), node.get_session_dir_path(), token],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop_reaper(timeout_s: float = 10.0) -> None:
+    """Tell the reaper to sweep now (close its pipe) and wait until it has."""
+    global _reaper_proc
+    if _reaper_proc is None:
+        return
+    reaper, _reaper_proc = _reaper_proc, None
+    reaper.stdin.close()
+    try:
+        reaper.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("the Ray reaper (pid %d) is still sweeping after %.0fs", reaper.pid, timeout_s)
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray `ensure_ray` started and everything left of it; leaves a Ray this
+    process only connected to alone (drop the connection with `ray.shutdown()`)."""
+    if _reaper_proc is None:
+        return
+    ray.shutdown()
+    _stop_reaper()
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

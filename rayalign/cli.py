@@ -75,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
 def _install_signal_handlers() -> dict:
     """Make the first SIGINT/SIGTERM raise `Interrupted` in the main thread, so the drivers'
     `finally:` blocks stop their actor groups; a second one while stopping exits at once
-    (the reaper of a local Ray then kills what is left of it). Returns the previous handlers."""
+    (the reaper of a local Ray then kills what is left of it). With save_on_interrupt the
+    first one, during the step loop, asks the loop to save a checkpoint first; the second
+    one then raises. Returns the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
         return {}  # signal handlers can only be set there (e.g. main() called from a thread)
-    from rayalign.actors.group import Interrupted
+    from rayalign.actors import group
 
     stopping = False
 
@@ -86,8 +88,13 @@ def _install_signal_handlers() -> dict:
         nonlocal stopping
         if stopping:
             os._exit(128 + signum)
+        if group.deferring_interrupts():  # save_on_interrupt: the step loop saves, then stops
+            group.record_interrupt(signum)
+            print(f"rayalign: {signal.Signals(signum).name}: saving a checkpoint after the current step, "
+                  "then stopping (send it again to stop at once, without one)", file=sys.stderr, flush=True)
+            return
         stopping = True
-        raise Interrupted(signum)
+        raise group.Interrupted(signum)
 
     return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
 

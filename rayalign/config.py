@@ -195,6 +195,9 @@ class TrainConfig:
     eval_steps: int | None = None  # None: evaluate only at the end (if eval_dataset)
     save_steps: int | None = None  # None: save only the final model
     save_total_limit: int | None = None
+    # rayalign extra: on the first SIGINT/SIGTERM of the CLI the step loop finishes its step,
+    # saves checkpoint-N and exits 130/143 (a second signal stops at once, without saving).
+    save_on_interrupt: bool = False
     resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
     max_length: int | None = 1024
     max_prompt_length: int | None = None  # rayalign extra (TRL 0.x): truncate the prompt first

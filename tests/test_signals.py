@@ -57,13 +57,13 @@ def driver(tiny_model_dir, demo_data_dir, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)  # never join another Ray on this machine
 
-    def start(max_steps: int) -> subprocess.Popen:
+    def start(max_steps: int, extra: tuple | list = ()) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "rayalign", "dpo", "--config", "jobs/dpo-tiny.yaml",
                "--model_name_or_path", tiny_model_dir,
                "--train_dataset", f"{demo_data_dir}/pref_train.jsonl",
                "--eval_dataset", f"{demo_data_dir}/pref_eval.jsonl", "--output_dir", str(out),
                "--max_steps", str(max_steps), "--logging_steps", "1", "--eval_steps", "1000",
-               "--save_steps", "1000", "--learner.num_actors", "1"]
+               "--save_steps", "1000", "--learner.num_actors", "1", *extra]
         with open(log, "w") as f:
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                           start_new_session=True))
@@ -133,3 +133,27 @@ def test_normal_exit_leaves_no_ray_process(driver):
     assert rc == 0, log.read_text()[-3000:]
     left, _ = wait_until_gone(ray_tmp, timeout_s=2)
     assert left == [], f"{len(left)} process(es) of the driver's Ray left after a normal exit: {left}"
+
+
+def test_save_on_interrupt_checkpoints_the_finished_step_then_exits_130(driver):
+    start, out, ray_tmp, log = driver
+    proc = start(max_steps=400, extra=["--save_on_interrupt", "true"])
+    wait_for_training(proc, out, log)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert "saving a checkpoint after the current step" in text, text[-3000:]
+    from rayalign import checkpoint as ckpt
+
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1, saved
+    step = int(saved[0].name.split("-")[1])
+    assert 1 <= step < 400
+    ckpt.check_resumable(str(saved[0]))  # complete, current format: resume_from_checkpoint takes it
+    assert ckpt.load_trainer_state(str(saved[0]))["step"] == step
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if x.strip() and "loss" in json.loads(x)]
+    assert logged and logged[-1] == step  # the checkpoint holds the last step the metrics show
+    left, _ = wait_until_gone(ray_tmp, timeout_s=3)
+    assert left == [], left

@@ -49,6 +49,35 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+class _Deferred:
+    """save_on_interrupt: while a driver's step loop runs, the CLI's first SIGINT/SIGTERM only
+    records its signal here; the loop finishes the step, saves a checkpoint and raises
+    `Interrupted` itself. Outside the loop (or with save_on_interrupt off) it raises at once."""
+
+    on = False
+    signum: int | None = None
+
+
+def defer_interrupts(on: bool) -> None:
+    """Start (True) or stop (False) deferring the first signal to the end of the current step."""
+    _Deferred.on = on
+    if not on:
+        _Deferred.signum = None
+
+
+def deferring_interrupts() -> bool:
+    return _Deferred.on and _Deferred.signum is None
+
+
+def record_interrupt(signum: int) -> None:
+    _Deferred.signum = signum
+
+
+def pending_interrupt() -> int | None:
+    """The signal that asked the running step loop to save and stop, if one came."""
+    return _Deferred.signum if _Deferred.on else None
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """Resources of one actor group: N actors with the same per-actor CPUs/GPUs."""

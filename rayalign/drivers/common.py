@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,6 +15,7 @@ import numpy as np
 from rayalign import checkpoint as ckpt
 from rayalign import data as data_lib
 from rayalign import refcache, rundir, storage
+from rayalign.actors import group
 from rayalign.actors.group import ActorFailure, ActorGroup
 from rayalign.batch import PreferenceBatch, SequenceBatch
 from rayalign.config import DPOConfig, TrainConfig, to_dict
@@ -280,6 +282,25 @@ def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metr
     shutil.rmtree(staging, ignore_errors=True)
     ckpt.prune_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=[path])
     return path
+
+
+def stop_if_interrupted(cfg: TrainConfig, learners: ActorGroup, state: dict, done: int, total_steps: int,
+                        steps_per_epoch: int, run: rundir.RunDir, files: storage.RunFiles,
+                        metrics: dict) -> None:
+    """save_on_interrupt: after step `done`, if a signal asked the loop to stop, save
+    checkpoint-`done` (unless save_steps just did) and raise `Interrupted`; the run can be
+    resumed from it. At the last step the run simply finishes."""
+    signum = group.pending_interrupt()
+    if signum is None or done >= total_steps:
+        return
+    name = f"checkpoint-{done}"
+    if not (cfg.save_steps and done % cfg.save_steps == 0):
+        save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch}, name=name,
+             metrics=metrics, run_id=run.run_id)
+    files.sync()
+    logger.warning("stopping on %s after step %d; resume with resume_from_checkpoint: %s/%s",
+                   signal.Signals(signum).name, done, cfg.output_dir.rstrip("/"), name)
+    raise group.Interrupted(signum)
 
 
 def check_run_start(cfg: TrainConfig, total_steps: int) -> tuple[str | None, int | None]:

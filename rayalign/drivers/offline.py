@@ -17,7 +17,7 @@ from typing import Callable
 
 from rayalign import checkpoint as ckpt
 from rayalign import storage
-from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
+from rayalign.actors.group import ActorGroup, GroupSpec, defer_interrupts, ensure_ray
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
 from rayalign.config import DPOConfig, RewardConfig, TrainConfig
@@ -96,6 +96,7 @@ def _attempt(cfg, kind, run, data, train_ds, eval_batches, cache_status, steps_p
         interval: list[dict] = []
         final_eval: dict = {}
         t0 = time.time()
+        defer_interrupts(cfg.save_on_interrupt)  # a signal from here on: finish the step, save, stop
         for step in range(state["step"], total_steps):
             step_epoch, step_in_epoch = divmod(step, steps_per_epoch)
             if step_epoch != epoch:  # a new epoch: reshuffle and hand each learner its shard
@@ -130,6 +131,8 @@ def _attempt(cfg, kind, run, data, train_ds, eval_batches, cache_status, steps_p
                 common.save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch},
                             name=f"checkpoint-{done}", metrics=final_eval, run_id=run.run_id)
                 files.sync()
+            common.stop_if_interrupted(cfg, learners, state, done, total_steps, steps_per_epoch, run, files, final_eval)
+        defer_interrupts(False)
         elapsed = time.time() - t0
         steps_run = total_steps - state["step"]
         if eval_batches and (not cfg.eval_steps or total_steps % cfg.eval_steps != 0):
@@ -160,6 +163,7 @@ def _attempt(cfg, kind, run, data, train_ds, eval_batches, cache_status, steps_p
                 "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}", "total_steps": total_steps,
                 "reference_cache": cache_status}
     finally:
+        defer_interrupts(False)
         learners.shutdown()
         if references is not None:
             references.shutdown()

@@ -27,7 +27,7 @@ import ray
 from rayalign import checkpoint as ckpt
 from rayalign import storage
 from rayalign import weight_sync as weight_sync_lib
-from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
+from rayalign.actors.group import ActorGroup, GroupSpec, defer_interrupts, ensure_ray
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
 from rayalign.actors.rollout import (Rollout, StaleRolloutError, WeightSyncError, actor_env, resolve_backend,
@@ -178,6 +178,7 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
         final_eval: dict = {}
         t0 = time.time()
         epoch = None
+        defer_interrupts(cfg.save_on_interrupt)  # a signal from here on: finish the step, save, stop
         for step in range(state["step"], total_steps):
             step_epoch, in_epoch = divmod(step, prompts.steps_per_epoch)
             if step_epoch != epoch:
@@ -209,6 +210,8 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
                 common.save(cfg, learners, {**state, "step": done, "epoch": done / prompts.steps_per_epoch},
                             name=f"checkpoint-{done}", metrics=final_eval, run_id=run.run_id)
                 files.sync()
+            common.stop_if_interrupted(cfg, learners, state, done, total_steps, prompts.steps_per_epoch, run, files, final_eval)
+        defer_interrupts(False)
         elapsed = time.time() - t0
         steps_run = total_steps - state["step"]
         if prompts.eval_rows and (not cfg.eval_steps or total_steps % cfg.eval_steps != 0):
@@ -230,6 +233,7 @@ def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: 
                 "model_dir": model_dir, "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}",
                 "total_steps": total_steps, "backend": backend, "history": state["log_history"]}
     finally:
+        defer_interrupts(False)
         if batches is not None:  # an open Ray Data iterator outliving Ray would re-init it at exit
             batches.close()
         if scorer is not None:

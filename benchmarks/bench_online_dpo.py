@@ -25,9 +25,9 @@ schedule, max_length 64, a live reference model, one learner, no eval, no mid-ru
 
 Timed window (the same on both sides): from the start of step 2 to the end of the last
 step; step 1 is a warm-up (first generate, lazy initialisation), start-up is outside.
-TRL: a TrainerCallback's on_step_begin / on_step_end; rayalign: a wrapper around the
-driver's per-step function (`rayalign.drivers.online._online_step`), which also collects
-each step's `timing/*` and `sync/*` metrics. Between steps both windows contain the
+TRL: a TrainerCallback's on_step_begin / on_step_end; rayalign: the driver's per-step hook
+(`train_online_dpo(..., on_step=)`), which also hands over each step's `timing/*` and
+`sync/*` metrics and completion lengths. Between steps both windows contain the
 trainer's own logging and data fetching. samples/s = 2 completions x prompts per step x
 timed steps / window. Each side's own throughput is reported too, as completions/s over its
 own runtime: TRL's `train_runtime` spans `trainer.train()` (its set-up inside train() and
@@ -36,13 +36,12 @@ rayalign's spans the step loop only (actor start-up and the first weight push ex
 step 1 included).
 
 For rayalign, Ray's task timeline gives the time spent inside each actor method per call
-(generate, train_pairs, Reference.logprobs, export_weights, update_weights, probe); the
+(generate, train_step, Reference.logprobs, export_weights, update_weights, probe); the
 rest of the step is Ray call overhead and driver work.
 
 Completion lengths differ by sampling, so tokens generated (eos included) per second and
 the mean completion length are reported per side: TRL's are counted in a thin wrapper
-around demo_reward (it receives the completion ids), rayalign's around the driver's
-`generate`. TRL's generate time per step comes from a wrapper around the trainer's
+around demo_reward (it receives the completion ids), rayalign's come with the step hook. TRL's generate time per step comes from a wrapper around the trainer's
 `_generate`; its score time from the reward wrapper; train = the rest of the step
 (policy + reference forward, backward, optimizer step).
 
@@ -244,45 +243,29 @@ def run_trl(model_dir: str, prompts_file: str, out: str, a, threads: int) -> dic
 
 def run_rayalign(model_dir: str, prompts_file: str, out: str, a, backend: str) -> dict:
     import rayalign
-    from rayalign.drivers import online
 
-    step_times: list[tuple[float, float]] = []
+    step_times: list[tuple[float, float]] = []  # time.time(): the clock Ray's timeline uses too
     records: list[dict] = []
     lengths: list[list[int]] = []
-    orig_step, orig_generate = online._online_step, online.generate
 
-    epoch_times: list[tuple[float, float]] = []  # the same steps on the clock Ray's timeline uses
+    def on_step(record) -> None:  # the driver's public per-step hook
+        step_times.append((record.started, record.finished))
+        records.append(dict(record.result.metrics))
+        lengths.append(list(record.result.completion_lengths))
 
-    def timed_step(*args_, **kwargs):
-        t, te = time.perf_counter(), time.time()
-        result = orig_step(*args_, **kwargs)
-        step_times.append((t, time.perf_counter()))
-        epoch_times.append((te, time.time()))
-        records.append(dict(result.metrics))
-        return result
-
-    def counted_generate(*args_, **kwargs):
-        completions = orig_generate(*args_, **kwargs)
-        lengths.append([len(c["token_ids"]) for pair in completions for c in pair])
-        return completions
-
-    online._online_step, online.generate = timed_step, counted_generate
-    t_start = time.perf_counter()
-    try:
-        result = rayalign.train_online_dpo({
-            "model_name_or_path": model_dir, "train_dataset": prompts_file, "output_dir": out,
-            "max_steps": a.steps, "per_device_train_batch_size": a.batch, "learning_rate": LR,
-            "lr_scheduler_type": "linear", "max_length": MAX_LENGTH, "max_new_tokens": a.max_new_tokens,
-            "temperature": TEMPERATURE, "top_p": 1.0, "top_k": 0, "beta": [0.1], "seed": 0,
-            "logging_steps": LOGGING_STEPS, "reward_funcs": ["rayalign.demo.task:demo_reward"],
-            "logging": {"progress_bar": False, "report_to": []},
-            "learner": {"num_actors": 1, "num_cpus_per_actor": a.learner_cpus},
-            "reference": {"mode": "actor", "num_actors": 1, "num_cpus_per_actor": a.reference_cpus},
-            "rollout": {"backend": backend, "num_actors": 1, "num_cpus_per_actor": a.rollout_cpus},
-        })
-    finally:
-        online._online_step, online.generate = orig_step, orig_generate
-    total = time.perf_counter() - t_start
+    t_start = time.time()
+    result = rayalign.train_online_dpo({
+        "model_name_or_path": model_dir, "train_dataset": prompts_file, "output_dir": out,
+        "max_steps": a.steps, "per_device_train_batch_size": a.batch, "learning_rate": LR,
+        "lr_scheduler_type": "linear", "max_length": MAX_LENGTH, "max_new_tokens": a.max_new_tokens,
+        "temperature": TEMPERATURE, "top_p": 1.0, "top_k": 0, "beta": [0.1], "seed": 0,
+        "logging_steps": LOGGING_STEPS, "reward_funcs": ["rayalign.demo.task:demo_reward"],
+        "logging": {"progress_bar": False, "report_to": []},
+        "learner": {"num_actors": 1, "num_cpus_per_actor": a.learner_cpus},
+        "reference": {"mode": "actor", "num_actors": 1, "num_cpus_per_actor": a.reference_cpus},
+        "rollout": {"backend": backend, "num_actors": 1, "num_cpus_per_actor": a.rollout_cpus},
+    }, on_step=on_step)
+    total = time.time() - t_start
     m = result["metrics"]
     for (b, e), r in zip(step_times, records):
         r["wall_s"] = e - b
@@ -299,7 +282,7 @@ def run_rayalign(model_dir: str, prompts_file: str, out: str, a, backend: str) -
         "weight_export_s": mean_of(records, "sync/export_s"), "weight_load_s": mean_of(records, "sync/load_s"),
         "other_s": mean_of(records, "other_s"),
         "warmup_generate_s": records[0].get("timing/generate_s"),
-        "in_actor_ms_per_call": actor_times(epoch_times[1][0], epoch_times[-1][1]),
+        "in_actor_ms_per_call": actor_times(step_times[1][0], step_times[-1][1]),
         "probe_max_abs_diff": max(r.get("sync/probe_max_abs_diff", 0.0) for r in records)})
 
 
@@ -412,13 +395,13 @@ def markdown(summary: dict, baselines: dict[str, str]) -> str:
     if ray_rows:
         lines += ["", "rayalign, time inside the actors per call (Ray task timeline, steps 2..N, ms); the rest of "
                   "the step is Ray call overhead (submit, argument/result transfer) and driver work:", "",
-                  "| setting | Rollout.generate | PolicyLearner.train_pairs (incl. waiting on Reference.logprobs) | "
+                  "| setting | Rollout.generate | PolicyLearner.train_step (incl. waiting on Reference.logprobs) | "
                   "Reference.logprobs | PolicyLearner.export_weights | Rollout.update_weights | Rollout.probe | "
                   "sum in actors | step wall − actors − score |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for key, r in ray_rows.items():
             t = r["in_actor_ms_per_call"]
-            cols = ["Rollout.generate", "PolicyLearner.train_pairs", "Reference.logprobs",
+            cols = ["Rollout.generate", "PolicyLearner.train_step", "Reference.logprobs",
                     "PolicyLearner.export_weights", "Rollout.update_weights", "Rollout.probe"]
             vals = [t.get(c) for c in cols]
             inside = sum(v for c, v in zip(cols, vals) if v is not None and c != "Reference.logprobs")

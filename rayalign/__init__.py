@@ -44,12 +44,13 @@ def train_reward(config, overrides=None) -> dict:
     return train(_config(RewardConfig, config, overrides))
 
 
-def train_online_dpo(config, overrides=None) -> dict:
-    """Online DPO on Ray: rollout actors sample, rewards or a judge rank, learners train."""
+def train_online_dpo(config, overrides=None, on_step=None) -> dict:
+    """Online DPO on Ray: rollout actors sample, rewards or a judge rank, learners train.
+    `on_step(record)` is called after every step with a `rayalign.drivers.runner.StepRecord`."""
     from rayalign.config import OnlineDPOConfig
     from rayalign.drivers.online import train_online
 
-    return train_online(_config(OnlineDPOConfig, config, overrides))
+    return train_online(_config(OnlineDPOConfig, config, overrides), on_step=on_step)
 
 
 def evaluate(config, overrides=None) -> dict:

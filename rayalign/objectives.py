@@ -1,8 +1,11 @@
-"""What a learner optimises, one function per job: (model, batch) -> (loss, metrics).
+"""What a learner optimises: one `Objective` per job, picked by config type (`for_config`).
 
-These glue the pure pieces together — log-probs (`rayalign.models.logprobs`) and losses
-(`rayalign.losses`) — for DPO, SFT and reward modelling. No Ray, no DeepSpeed: `model` is
-anything callable like a Hugging Face model (a DeepSpeed engine included).
+An objective says which model head it trains, how rows become a micro-batch (and the
+per-micro-batch inputs of its loss), whether the batch needs reference log-probs, and the
+loss with its TRL-named metrics. The loss functions below glue the pure pieces together —
+log-probs (`rayalign.models.logprobs`) and losses (`rayalign.losses`). No Ray, no
+DeepSpeed: `model` is anything callable like a Hugging Face model (a DeepSpeed engine
+included). The learner (`rayalign.actors.learner`) keeps one accumulation loop for all.
 """
 
 from __future__ import annotations
@@ -13,18 +16,23 @@ import torch
 
 from rayalign import losses
 from rayalign.batch import PreferenceBatch, SequenceBatch
-from rayalign.config import DPOConfig, RewardConfig
+from rayalign.config import DPOConfig, OnlineDPOConfig, RewardConfig, SFTConfig, TrainConfig
 from rayalign.models.logprobs import preference_logprobs, sft_logprobs
 
 RefFn = Callable[[PreferenceBatch], tuple[torch.Tensor, torch.Tensor]]
 
 
-def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
+def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig,
+                  reference: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> tuple[torch.Tensor, dict]:
     """DPO loss and TRL-named metrics; reference log-probs must already be on `batch`
-    (precomputed columns, a reference actor, or the implicit adapter-off pass) unless the
-    run is reference-free."""
+    (precomputed columns, or the implicit adapter-off pass) unless the run is reference-free,
+    or `reference` returns them after the policy's forward (a reference actor computes them
+    meanwhile)."""
     out = preference_logprobs(model, batch, ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting,
                               padding_free=cfg.padding_free)
+    if reference is not None:
+        batch = batch.with_reference(*reference())
     if cfg.reference_mode == "none":
         ref_c = torch.zeros_like(out.chosen_logps)
         ref_r = torch.zeros_like(out.rejected_logps)
@@ -123,3 +131,82 @@ def reward_objective(model, batch: PreferenceBatch, cfg: RewardConfig) -> tuple[
     metrics = {k: torch.as_tensor(v).detach().float() for k, v in losses.reward_metrics(chosen.detach(), rejected.detach()).items()}
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------- objectives
+
+ReferenceFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Objective:
+    """One job's learner step, as the learner's accumulation loop uses it."""
+
+    model_type = "causal_lm"  # or "reward": a sequence-classification head with one score
+    batch_type: type = PreferenceBatch
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    @property
+    def reference_mode(self) -> str | None:
+        """How reference log-probs reach a batch (`DPOConfig.reference_mode`); None: unused."""
+        return None
+
+    def collate(self, rows, pad_token_id: int) -> tuple[PreferenceBatch | SequenceBatch, dict]:
+        """(micro-batch, per-micro-batch inputs of `loss`) from tokenized rows."""
+        batch = self.batch_type.from_rows(rows, pad_token_id, max_length=self.cfg.max_length,
+                                          truncation_mode=self.cfg.truncation_mode)
+        return batch, {}
+
+    def loss(self, model, batch, reference: ReferenceFn | None = None, **inputs) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+class SFT(Objective):
+    batch_type = SequenceBatch
+
+    def loss(self, model, batch, reference=None, **inputs):
+        return sft_objective(model, batch, self.cfg)
+
+
+class Reward(Objective):
+    model_type = "reward"
+
+    def loss(self, model, batch, reference=None, **inputs):
+        return reward_objective(model, batch, self.cfg)
+
+
+class DPO(Objective):
+    @property
+    def reference_mode(self) -> str:
+        return self.cfg.reference_mode
+
+    def loss(self, model, batch, reference=None, **inputs):
+        return dpo_objective(model, batch, self.cfg, reference=reference)
+
+
+class OnlineDPO(DPO):
+    """DPO on sampled pairs; the scores that ranked each pair ride along for the metrics."""
+
+    def collate(self, rows, pad_token_id: int):
+        batch, _ = super().collate(rows, pad_token_id)
+        scores = None
+        if rows[0].get("chosen_score") is not None:
+            scores = (torch.tensor([float(r["chosen_score"]) for r in rows]),
+                      torch.tensor([float(r["rejected_score"]) for r in rows]))
+        return batch, {"scores": scores}
+
+    def loss(self, model, batch, reference=None, *, scores=None, beta: float, **inputs):
+        return online_dpo_objective(model, batch, self.cfg, beta, scores, reference=reference)
+
+
+OBJECTIVES: dict[type, type[Objective]] = {SFTConfig: SFT, DPOConfig: DPO, RewardConfig: Reward,
+                                           OnlineDPOConfig: OnlineDPO}
+
+
+def for_config(cfg: TrainConfig) -> Objective:
+    """The objective of a job config (looked up along its class hierarchy)."""
+    for cls in type(cfg).__mro__:
+        if cls in OBJECTIVES:
+            return OBJECTIVES[cls](cfg)
+    raise TypeError(f"no objective for {type(cfg).__name__}")

@@ -1,10 +1,11 @@
 """PolicyLearner: one DeepSpeed rank of the learner group.
 
 Owns the trainable model, optimizer and scheduler. DeepSpeed (ZeRO 0-3) runs on GPU with
-nccl and on CPU with its CPU accelerator and gloo, so one code path serves both. Each
-learner pulls its own micro-batches from its Ray Data shard (`set_data`), obtains reference
-log-probs the way the config says, and takes one optimizer step per `train_step` call
-(gradient_accumulation_steps micro-batches).
+nccl and on CPU with its CPU accelerator and gloo, so one code path serves both. What it
+optimises is the job's `Objective` (rayalign.objectives): each `train_step` takes
+gradient_accumulation_steps micro-batches — from its own Ray Data shard (`set_data`,
+offline jobs) or from the rows it is handed (online DPO's sampled pairs) — obtains
+reference log-probs the way the objective says, and takes one optimizer step.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import torch
 
 from rayalign import faults, objectives
 from rayalign.actors.group import DistributedWorker
-from rayalign.batch import PreferenceBatch, SequenceBatch
-from rayalign.config import DPOConfig, RewardConfig, SFTConfig, TrainConfig, is_adapter_dir
+from rayalign.config import TrainConfig, is_adapter_dir
 from rayalign.models import adapters
 from rayalign.models.loading import (ModelLoadError, disable_dropout, load_causal_lm, load_reward_model,
                                      load_tokenizer)
@@ -65,10 +65,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
 
 
 class PolicyLearner(DistributedWorker):
-    """One rank of the policy learner group (DPO, SFT or reward model, by config type)."""
+    """One rank of the policy learner group (SFT, DPO, reward model or online DPO: the
+    config's objective)."""
 
     def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int):
         self.cfg = cfg
+        self.objective = objectives.for_config(cfg)
         self.rank = rank
         self.world_size = world_size
         threads = cfg.learner.torch_threads or max(1, int(cfg.learner.num_cpus_per_actor))
@@ -98,7 +100,7 @@ class PolicyLearner(DistributedWorker):
             if not cfg.lora.enabled:
                 raise ModelLoadError(f"model_name_or_path: {base_path} is a PEFT adapter dir; set lora.enabled=true")
             base_path = adapters.adapter_base_model(base_path)
-        if isinstance(cfg, RewardConfig):
+        if self.objective.model_type == "reward":
             model = load_reward_model(base_path, pad_token_id=self.tokenizer.pad_token_id,
                                       bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
         else:
@@ -128,7 +130,7 @@ class PolicyLearner(DistributedWorker):
     def _wrap_lora(self, model):
         from peft import TaskType
 
-        task = TaskType.SEQ_CLS if isinstance(self.cfg, RewardConfig) else TaskType.CAUSAL_LM
+        task = TaskType.SEQ_CLS if self.objective.model_type == "reward" else TaskType.CAUSAL_LM
         return adapters.wrap_policy(model, self.cfg, task)
 
     def _param_groups(self, model) -> list[dict]:
@@ -148,11 +150,9 @@ class PolicyLearner(DistributedWorker):
         self.epoch = epoch
         self.batches_consumed = 0
         pad = self.tokenizer.pad_token_id
-        row_cls = SequenceBatch if isinstance(self.cfg, SFTConfig) else PreferenceBatch
         raw = shard.iter_batches(batch_size=self.cfg.per_device_train_batch_size,
                                  batch_format="numpy", drop_last=True)
-        self._batches = (row_cls.from_rows(b, pad, max_length=self.cfg.max_length,
-                                           truncation_mode=self.cfg.truncation_mode) for b in raw)
+        self._batches = (self.objective.collate(b, pad) for b in raw)
         for _ in range(skip_batches):
             self._next_batch()
 
@@ -172,47 +172,27 @@ class PolicyLearner(DistributedWorker):
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over gradient_accumulation_steps micro-batches."""
-        faults.maybe_crash("train_step", int(self.engine.global_steps) + 1)
-        micro = [self._next_batch() for _ in range(self.cfg.gradient_accumulation_steps)]
-        micro = [self._with_reference(b) for b in micro]
-        totals: dict[str, float] = {}
-        for batch in micro:
-            loss, metrics = self._objective(batch)
-            self.engine.backward(loss)
-            self._step()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        out = {k: v / len(micro) for k, v in totals.items()}
-        if self._grad_norm is not None:
-            out["grad_norm"] = self._grad_norm
-        out["learning_rate"] = float(self.engine.get_lr()[0])
-        return out
-
-    def train_pairs(self, rows: list[dict], beta: float) -> dict[str, float]:
-        """Online DPO: one optimizer step on sampled pairs (rows with prompt_ids, chosen_ids,
-        rejected_ids and optional chosen_score / rejected_score), in
-        gradient_accumulation_steps micro-batches of per_device_train_batch_size pairs."""
+    def train_step(self, rows: list[dict] | None = None, beta: float | None = None) -> dict[str, float]:
+        """One optimizer step over gradient_accumulation_steps micro-batches of
+        per_device_train_batch_size rows: the next ones of the Ray Data shard, or `rows`
+        (online DPO: sampled pairs with prompt_ids, chosen_ids, rejected_ids and optional
+        chosen_score / rejected_score; `beta` this step's)."""
         faults.maybe_crash("train_step", int(self.engine.global_steps) + 1)
         cfg = self.cfg
-        ga = cfg.gradient_accumulation_steps
-        if len(rows) != ga * cfg.per_device_train_batch_size:
-            raise ValueError(f"learner {self.rank}: got {len(rows)} pairs, expected "
-                             f"{ga} x per_device_train_batch_size={cfg.per_device_train_batch_size}")
-        per = cfg.per_device_train_batch_size
+        ga, per = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
+        if rows is None:
+            micro = [self._next_batch() for _ in range(ga)]
+        else:
+            if len(rows) != ga * per:
+                raise ValueError(f"learner {self.rank}: got {len(rows)} pairs, expected "
+                                 f"{ga} x per_device_train_batch_size={per}")
+            micro = [self.objective.collate(rows[i * per:(i + 1) * per], self.tokenizer.pad_token_id)
+                     for i in range(ga)]
+        step_inputs = {} if beta is None else {"beta": beta}
         totals: dict[str, float] = {}
-        for i in range(ga):
-            part = rows[i * per:(i + 1) * per]
-            batch = PreferenceBatch.from_rows(part, self.tokenizer.pad_token_id, max_length=cfg.max_length,
-                                              truncation_mode=cfg.truncation_mode)
+        for batch, inputs in micro:
             batch, reference = self._reference_later(batch)
-            scores = None
-            if part[0].get("chosen_score") is not None:
-                scores = (torch.tensor([float(r["chosen_score"]) for r in part]),
-                          torch.tensor([float(r["rejected_score"]) for r in part]))
-            loss, metrics = objectives.online_dpo_objective(self.engine, batch, cfg, beta, scores,
-                                                            reference=reference)
+            loss, metrics = self.objective.loss(self.engine, batch, reference, **inputs, **step_inputs)
             self.engine.backward(loss)
             self._step()
             for k, v in metrics.items():
@@ -310,36 +290,27 @@ class PolicyLearner(DistributedWorker):
         total = 0.0
         for batch, w in zip(batches, weights):
             batch = self._with_reference(batch)
-            _, metrics = self._objective(batch)
+            _, metrics = self.objective.loss(self.engine, batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * w * len(batch)
             total += w * len(batch)
         self.engine.train()
         return {"__count__": total, **sums}
 
-    def _objective(self, batch):
-        cfg = self.cfg
-        if isinstance(cfg, DPOConfig):
-            return objectives.dpo_objective(self.engine, batch, cfg)
-        if isinstance(cfg, RewardConfig):
-            return objectives.reward_objective(self.engine, batch, cfg)
-        return objectives.sft_objective(self.engine, batch, cfg)
-
     def _reference_later(self, batch):
         """(batch, None) with reference log-probs attached, or, with a reference actor,
         (batch, wait): the request is sent now and `wait()` returns its answer, so that the
         reference's forward runs while the learner does its own."""
-        if getattr(self.cfg, "reference_mode", None) == "actor" and batch.ref_chosen_logps is None:
+        if self.objective.reference_mode == "actor" and batch.ref_chosen_logps is None:
             pending = self.reference.logprobs.remote(batch)
             timeout = self.cfg.learner.collective_timeout_s
             return batch, lambda: ray.get(pending, timeout=timeout)
         return self._with_reference(batch), None
 
     def _with_reference(self, batch):
-        cfg = self.cfg
-        if getattr(cfg, "reference_mode", None) is None or batch.ref_chosen_logps is not None:
+        cfg, mode = self.cfg, self.objective.reference_mode
+        if mode is None or batch.ref_chosen_logps is not None:
             return batch
-        mode = cfg.reference_mode
         if mode == "none":
             return batch
         if mode in ("implicit", "adapter"):  # the policy's own weights: adapter off, or the frozen copy
@@ -362,7 +333,7 @@ class PolicyLearner(DistributedWorker):
         out = {"prompts": self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=False),
                "completions": generate_texts(module, self.tokenizer, prompt_ids, max_new_tokens)}
         if self.cfg.lora.enabled:
-            own = getattr(self.cfg, "reference_mode", None) in ("implicit", "adapter")
+            own = self.objective.reference_mode in ("implicit", "adapter")
             with adapters.reference_weights(module, self.cfg) if own else module.disable_adapter():
                 out["reference_completions"] = generate_texts(module, self.tokenizer, prompt_ids,
                                                               max_new_tokens)

@@ -5,22 +5,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import signal
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from rayalign import checkpoint as ckpt
 from rayalign import data as data_lib
-from rayalign import refcache, rundir, storage
-from rayalign.actors import group
-from rayalign.actors.group import ActorFailure, ActorGroup
+from rayalign import refcache, storage
+from rayalign.actors.group import ActorGroup
 from rayalign.batch import PreferenceBatch, SequenceBatch
-from rayalign.config import DPOConfig, TrainConfig, to_dict
+from rayalign.config import DPOConfig, TrainConfig
 from rayalign.models.loading import load_tokenizer
-from rayalign.tracking import MetricsLogger
 
 logger = logging.getLogger("rayalign")
 
@@ -249,8 +244,9 @@ def check_models(cfg: TrainConfig) -> None:
         check_model_dir(path, name, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
 
 
-def evaluate(learners: ActorGroup, batches: list, tracker, step: int) -> dict:
-    """Shard eval batches over learners (weight-0 padding keeps forward counts equal)."""
+def evaluate(learners: ActorGroup, batches: list) -> dict[str, float]:
+    """eval_* metrics: eval batches sharded over the learners (weight-0 padding keeps the
+    forward counts equal)."""
     n = len(learners)
     per = -(-len(batches) // n)
     args = []
@@ -262,92 +258,7 @@ def evaluate(learners: ActorGroup, batches: list, tracker, step: int) -> dict:
     results = learners.scatter("evaluate", args)
     count = sum(r["__count__"] for r in results)
     keys = [k for k in results[0] if k != "__count__"]
-    metrics = {f"eval_{k}": sum(r[k] for r in results) / max(count, 1e-12) for k in keys}
-    tracker.log(metrics, step=step)
-    logger.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
-    return metrics
-
-
-def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metrics: dict, run_id: str) -> str:
-    """Stage a checkpoint (weights, DeepSpeed state, RNG, trainer state) and commit it."""
-    staging = os.path.join(staging_root(cfg), f".staging-{name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    learners.call("save", staging, timeout=cfg.learner.collective_timeout_s)
-    ckpt.save_trainer_state(staging, state)
-    ckpt.save_run_config(staging, cfg)
-    ckpt.write_model_card(staging, base_model=cfg.model_name_or_path,
-                          datasets=[p for p in (cfg.train_dataset, cfg.eval_dataset) if p],
-                          method=type(cfg).__name__.removesuffix("Config"), metrics=metrics)
-    path = ckpt.commit_checkpoint(staging, cfg.output_dir, name, step=state["step"], metadata={"run_id": run_id})
-    shutil.rmtree(staging, ignore_errors=True)
-    ckpt.prune_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=[path])
-    return path
-
-
-def stop_if_interrupted(cfg: TrainConfig, learners: ActorGroup, state: dict, done: int, total_steps: int,
-                        steps_per_epoch: int, run: rundir.RunDir, files: storage.RunFiles,
-                        metrics: dict) -> None:
-    """save_on_interrupt: after step `done`, if a signal asked the loop to stop, save
-    checkpoint-`done` (unless save_steps just did) and raise `Interrupted`; the run can be
-    resumed from it. At the last step the run simply finishes."""
-    signum = group.pending_interrupt()
-    if signum is None or done >= total_steps:
-        return
-    name = f"checkpoint-{done}"
-    if not (cfg.save_steps and done % cfg.save_steps == 0):
-        save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch}, name=name,
-             metrics=metrics, run_id=run.run_id)
-    files.sync()
-    logger.warning("stopping on %s after step %d; resume with resume_from_checkpoint: %s/%s",
-                   signal.Signals(signum).name, done, cfg.output_dir.rstrip("/"), name)
-    raise group.Interrupted(signum)
-
-
-def check_run_start(cfg: TrainConfig, total_steps: int) -> tuple[str | None, int | None]:
-    """Before Ray starts: may this job write output_dir, and what does it resume?
-    Returns (the resolved checkpoint to resume, its step), or (None, None)."""
-    rundir.check_output_dir(cfg)
-    if not cfg.resume_from_checkpoint:
-        return None, None
-    return rundir.check_resume(cfg, total_steps)
-
-
-def with_recovery(cfg: TrainConfig, run: rundir.RunDir, resume: str | None,
-                  attempt: Callable[[str | None, int], dict]) -> dict:
-    """Run `attempt(resume, recoveries)`; after an actor death recreate everything through a
-    new attempt from this run's last complete checkpoint (or the one it resumed from), up
-    to max_failures times."""
-    failures = 0
-    start = resume
-    while True:
-        try:
-            return attempt(resume, failures)
-        except ActorFailure as exc:
-            failures += 1
-            if failures > cfg.max_failures:
-                raise ActorFailure(f"{exc}; giving up after {failures} failure(s) "
-                                   f"(max_failures={cfg.max_failures})") from exc
-            resume = run.latest_checkpoint() or start
-            logger.warning("actor failure %d of max_failures=%d (%s): recreating the actor groups and "
-                           "restoring from %s", failures, cfg.max_failures, exc, resume or "step 0 (no checkpoint yet)")
-
-
-def open_tracker(cfg: TrainConfig, run: rundir.RunDir, files: storage.RunFiles, step: int,
-                 recoveries: int) -> MetricsLogger:
-    """The run claims its output dir (its first step succeeded) and opens its metrics: lines
-    past `step` (the restored step) are dropped, a recovery is logged."""
-    run.claim()
-    tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to, run_name=cfg.logging.run_name,
-                            project=cfg.logging.project, config_dict=to_dict(cfg))
-    tracker.truncate_after(step)
-    if recoveries:
-        tracker.log({"recoveries": recoveries}, step=step)
-    return tracker
-
-
-def publish_final(cfg: TrainConfig, step: int, metrics: dict) -> str:
-    """Copy the last checkpoint's model files (not its optimizer state) to output_dir."""
-    return ckpt.publish_model(f"{cfg.output_dir.rstrip('/')}/checkpoint-{step}", cfg.output_dir)
+    return {f"eval_{k}": sum(r[k] for r in results) / max(count, 1e-12) for k in keys}
 
 
 def log_generations(cfg: DPOConfig, learners: ActorGroup, references, data: PreparedData,

@@ -19,28 +19,25 @@ import math
 import os
 import random
 import time
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import ray
 
-from rayalign import checkpoint as ckpt
-from rayalign import storage
 from rayalign import weight_sync as weight_sync_lib
-from rayalign.actors.group import ActorGroup, GroupSpec, defer_interrupts, ensure_ray
+from rayalign.actors.group import ActorGroup, GroupSpec
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
 from rayalign.actors.rollout import (Rollout, StaleRolloutError, WeightSyncError, actor_env, resolve_backend,
                                      sampling_from_config)
 from rayalign.config import OnlineDPOConfig
 from rayalign.data import DataError, load_prompt_rows
-from rayalign.drivers import common
-from rayalign.rundir import RunDir
+from rayalign.drivers import common, runner
 from rayalign.models import weights as weights_lib
 from rayalign.models.loading import load_tokenizer
 from rayalign.scoring import (RewardSources, build_judge, check_judge_model, check_reward_sources, is_function_spec,
                               judge_pairs, probe_reward_functions, source_labels)
-from rayalign.tracking import ProgressReporter, average_metrics, plot_metrics
+from rayalign.tracking import average_metrics
 
 logger = logging.getLogger("rayalign")
 
@@ -79,167 +76,216 @@ class Prompts:
                 yield [self.rows[int(j)] for j in batch["id"]]
 
 
-def train_online(cfg: OnlineDPOConfig) -> dict:
-    """Run online DPO to the end; returns final metrics, the model dir and the checkpoint."""
-    prompts = Prompts(cfg)  # every prompt row checked before anything starts
-    common.check_models(cfg)
-    if cfg.judge is None:
-        check_reward_sources(cfg.reward_sources, trust_remote_code=cfg.trust_remote_code)
-        probe_reward_functions(cfg.reward_sources, prompts.rows)
-    else:
-        check_judge_model(cfg.judge, "judge", trust_remote_code=cfg.trust_remote_code)
-    backend = resolve_backend(cfg.rollout.backend)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * prompts.steps_per_epoch)
-    resume, resume_step = common.check_run_start(cfg, total_steps)  # output dir and resume: before Ray starts
-    with RunDir(cfg, resume_step) as run:
-        ensure_ray(cfg.ray.address, _num_cpus(cfg), cfg.ray.namespace)
-        return common.with_recovery(cfg, run, resume, lambda resume, recoveries: _attempt(
-            cfg, prompts, backend, total_steps, run, resume, recoveries))
+def train_online(cfg: OnlineDPOConfig, on_step: Callable[[runner.StepRecord], None] | None = None) -> dict:
+    """Run online DPO to the end; returns final metrics, the model dir and the checkpoint.
+    `on_step` gets a `StepRecord` after every step (the online benchmark times them)."""
+    return runner.run(OnlineDPOJob(cfg), on_step=on_step)
 
 
-def _num_cpus(cfg: OnlineDPOConfig) -> int:
-    if cfg.ray.num_cpus is not None:
-        return cfg.ray.num_cpus
-    need = cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
-    need += cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
-    if cfg.reference_mode == "actor":
-        need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
-    need += sum(cfg.scoring.num_cpus_per_actor for s in cfg.reward_sources if not is_function_spec(s))
-    if cfg.judge is not None:
-        need += cfg.judge.num_cpus
-    return int(max(os.cpu_count() or 1, math.ceil(need) + 1))
+class OnlineDPOJob(runner.Job):
+    """Online DPO as the run skeleton drives it: learners, a reference, rollout engines and
+    reward sources (or a judge); one step samples, ranks, trains and pushes weights."""
 
+    name = "online-dpo"
+    plot_keys = PLOT_KEYS
+    log_files = ("metrics.jsonl", "weight_sync.jsonl")
 
-class Step:
-    """What one online step produced (kept for the completions table)."""
-
-    def __init__(self):
-        self.metrics: dict[str, float] = {}
-        self.table: list[dict] = []
-
-
-def _attempt(cfg: OnlineDPOConfig, prompts: Prompts, backend: str, total_steps: int, run: RunDir, resume,
-             recoveries) -> dict:
-    groups: list[ActorGroup] = []
-    scorer = judge = batches = None
-    try:
-        references = None
-        if cfg.reference_mode == "actor":
-            references = ActorGroup(Reference, GroupSpec("reference", cfg.reference.num_actors,
-                                                         cfg.reference.num_cpus_per_actor,
-                                                         cfg.reference.num_gpus_per_actor),
-                                    args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s)
-            groups.append(references)
-        learners = ActorGroup(PolicyLearner, GroupSpec("learner", cfg.learner.num_actors,
-                                                       cfg.learner.num_cpus_per_actor,
-                                                       cfg.learner.num_gpus_per_actor),
-                              args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s)
-        groups.append(learners)
-        rcfg = weight_sync_lib.resolved_rollout_config(cfg, backend)  # engines must know: nccl or not
-        rollouts = ActorGroup(Rollout, GroupSpec("rollout", rcfg.num_actors, rcfg.num_cpus_per_actor,
-                                                 rcfg.num_gpus_per_actor),
-                              args=(cfg.model_name_or_path, rcfg, backend, cfg.tokenizer_path,
-                                    rcfg.max_model_len or cfg.max_length, cfg.trust_remote_code, cfg.bf16),
-                              env_vars=actor_env(rcfg), placement_timeout_s=cfg.ray.placement_timeout_s)
-        groups.append(rollouts)
-        if cfg.judge is not None:
-            judge, judge_group = build_judge(cfg.judge, max_length=cfg.max_length,
-                                             trust_remote_code=cfg.trust_remote_code, nonfinite=cfg.nonfinite_scores)
-            groups.append(judge_group)
+    def __init__(self, cfg: OnlineDPOConfig):
+        self.prompts = Prompts(cfg)  # every prompt row checked before anything starts
+        common.check_models(cfg)
+        if cfg.judge is None:
+            check_reward_sources(cfg.reward_sources, trust_remote_code=cfg.trust_remote_code)
+            probe_reward_functions(cfg.reward_sources, self.prompts.rows)
         else:
-            scorer = RewardSources(cfg.reward_sources, cfg.reward_weights, cfg.scoring, cfg.max_length,
-                                   cfg.trust_remote_code, nonfinite=cfg.nonfinite_scores,
-                                   labels=source_labels(cfg.reward_sources, len(cfg.reward_funcs)))
+            check_judge_model(cfg.judge, "judge", trust_remote_code=cfg.trust_remote_code)
+        self.backend = resolve_backend(cfg.rollout.backend)
+        per_epoch = self.prompts.steps_per_epoch
+        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+        super().__init__(cfg, total, per_epoch, cfg.prompts_per_step * 2)
+        self.groups: list[ActorGroup] = []
+        self.scorer = self.judge = self.batches = None
 
-        learners.init_distributed(common.backend(cfg), cfg.learner.collective_timeout_s)
-        ref_handles = [references.actors[i % len(references)] if references else None for i in range(len(learners))]
-        info = learners.scatter("setup", [(total_steps, h) for h in ref_handles])[0]
-        logger.info("learners ready: %s; rollout backend %s x %d: %s", info, backend, len(rollouts),
-                    rollouts.call("ready", timeout=rcfg.generate_timeout_s))
+    def num_cpus(self) -> int:
+        cfg = self.cfg
+        if cfg.ray.num_cpus is not None:
+            return cfg.ray.num_cpus
+        need = cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
+        need += cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
+        if cfg.reference_mode == "actor":
+            need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
+        need += sum(cfg.scoring.num_cpus_per_actor for s in cfg.reward_sources if not is_function_spec(s))
+        if cfg.judge is not None:
+            need += cfg.judge.num_cpus
+        return int(max(os.cpu_count() or 1, math.ceil(need) + 1))
 
-        state: dict[str, Any] = {"step": 0, "log_history": []}
-        if resume:
-            local = ckpt.download_checkpoint(resume, common.staging_root(cfg))
-            learners.call("load", local)
-            state = ckpt.load_trainer_state(local)
-            logger.info("resumed from %s at step %d", resume, state["step"])
-        files = storage.RunFiles(cfg.output_dir)
-        if resume:
-            files.pull()
-        tracker = None  # opened once the first step succeeded: the run owns the dir from then on
-        sync = WeightSync(cfg, learners, rollouts, info_vocab=_vocab_size(cfg), mode=rcfg.weight_sync)
-        sync.push(version=state["step"])  # engines start from the learner's (restored) weights
-        progress = ProgressReporter(total_steps, enabled=cfg.logging.progress_bar, desc="rayalign online-dpo")
-        rng = random.Random(cfg.seed * 7919 + state["step"])
-        sampling = sampling_from_config(cfg, n=2)
-        log_every = cfg.log_completions_steps or cfg.logging_steps
+    def start(self) -> ActorGroup:
+        cfg = self.cfg
+        self.epoch = None
+        self.references = None
+        if cfg.reference_mode == "actor":
+            self.references = self._group(Reference, "reference", cfg.reference, args=(cfg,))
+        self.learners = self._group(PolicyLearner, "learner", cfg.learner, args=(cfg,))
+        self.rcfg = rcfg = weight_sync_lib.resolved_rollout_config(cfg, self.backend)  # engines: nccl or not
+        self.rollouts = self._group(Rollout, "rollout", rcfg, env_vars=actor_env(rcfg), args=(
+            cfg.model_name_or_path, rcfg, self.backend, cfg.tokenizer_path, rcfg.max_model_len or cfg.max_length,
+            cfg.trust_remote_code, cfg.bf16))
+        if cfg.judge is not None:
+            self.judge, judge_group = build_judge(cfg.judge, max_length=cfg.max_length,
+                                                  trust_remote_code=cfg.trust_remote_code,
+                                                  nonfinite=cfg.nonfinite_scores)
+            self.groups.append(judge_group)
+        else:
+            self.scorer = RewardSources(cfg.reward_sources, cfg.reward_weights, cfg.scoring, cfg.max_length,
+                                        cfg.trust_remote_code, nonfinite=cfg.nonfinite_scores,
+                                        labels=source_labels(cfg.reward_sources, len(cfg.reward_funcs)))
 
-        interval: list[dict] = []
-        final_eval: dict = {}
-        t0 = time.time()
-        epoch = None
-        defer_interrupts(cfg.save_on_interrupt)  # a signal from here on: finish the step, save, stop
-        for step in range(state["step"], total_steps):
-            step_epoch, in_epoch = divmod(step, prompts.steps_per_epoch)
-            if step_epoch != epoch:
-                if batches is not None:
-                    batches.close()
-                epoch, batches = step_epoch, prompts.epoch_batches(step_epoch, in_epoch)
-            rows = next(batches)
-            result = _online_step(cfg, rows, step, prompts.conversational, rollouts, learners, scorer, judge,
-                                  sampling, sync, rng, cfg.beta_for_epoch(step_epoch))
-            if tracker is None:
-                tracker = common.open_tracker(cfg, run, files, state["step"], recoveries)
-                sync.log_to(files.local_dir)
-            interval.append(result.metrics)
-            done = step + 1
-            if cfg.log_completions and (done % log_every == 0 or done == total_steps):
-                tracker.log_table("completions", result.table[: cfg.num_completions_to_log], done)
-            if done % cfg.logging_steps == 0 or done == total_steps:
-                metrics = {**average_metrics(interval), "epoch": done / prompts.steps_per_epoch,
-                           "sync/version": float(sync.version)}
-                tracker.log(metrics, step=done)
-                state["log_history"].append({"step": done, **metrics})
-                interval = []
-                progress.update(done, metrics, samples=done * cfg.prompts_per_step * 2)
-                files.sync(("metrics.jsonl", "weight_sync.jsonl"))
-            if prompts.eval_rows and cfg.eval_steps and done % cfg.eval_steps == 0:
-                final_eval = evaluate(cfg, prompts, rollouts, scorer, tracker, done)
-                state["log_history"].append({"step": done, **final_eval})
-            if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
-                common.save(cfg, learners, {**state, "step": done, "epoch": done / prompts.steps_per_epoch},
-                            name=f"checkpoint-{done}", metrics=final_eval, run_id=run.run_id)
-                files.sync()
-            common.stop_if_interrupted(cfg, learners, state, done, total_steps, prompts.steps_per_epoch, run, files, final_eval)
-        defer_interrupts(False)
-        elapsed = time.time() - t0
-        steps_run = total_steps - state["step"]
-        if prompts.eval_rows and (not cfg.eval_steps or total_steps % cfg.eval_steps != 0):
-            final_eval = evaluate(cfg, prompts, rollouts, scorer, tracker, total_steps)
-        final_state = {**state, "step": total_steps, "epoch": total_steps / prompts.steps_per_epoch}
-        common.save(cfg, learners, final_state, name=f"checkpoint-{total_steps}", metrics=final_eval,
-                    run_id=run.run_id)
-        model_dir = common.publish_final(cfg, total_steps, final_eval)
-        throughput = {"train_runtime": elapsed,
-                      "train_samples_per_second": steps_run * cfg.prompts_per_step * 2 / max(elapsed, 1e-9),
-                      "train_steps_per_second": steps_run / max(elapsed, 1e-9)}
-        tracker.log(throughput, step=total_steps)
-        tracker.close()
-        progress.close()
-        plot_metrics(f"{files.local_dir}/metrics.jsonl", files.local_dir, keys=PLOT_KEYS)
-        files.sync(extra=("metrics.png", "weight_sync.jsonl"))
-        train_logs = [h for h in state["log_history"] if "loss" in h]
-        return {"metrics": {**(train_logs[-1] if train_logs else {}), **final_eval, **throughput},
-                "model_dir": model_dir, "checkpoint": f"{cfg.output_dir}/checkpoint-{total_steps}",
-                "total_steps": total_steps, "backend": backend, "history": state["log_history"]}
-    finally:
-        defer_interrupts(False)
-        if batches is not None:  # an open Ray Data iterator outliving Ray would re-init it at exit
-            batches.close()
-        if scorer is not None:
-            scorer.shutdown()
-        for group in groups:
+        self.learners.init_distributed(common.backend(cfg), cfg.learner.collective_timeout_s)
+        refs = self.references
+        handles = [refs.actors[i % len(refs)] if refs else None for i in range(len(self.learners))]
+        info = self.learners.scatter("setup", [(self.total_steps, h) for h in handles])[0]
+        logger.info("learners ready: %s; rollout backend %s x %d: %s", info, self.backend, len(self.rollouts),
+                    self.rollouts.call("ready", timeout=rcfg.generate_timeout_s))
+        return self.learners
+
+    def _group(self, cls, role: str, section, args: tuple, env_vars: dict | None = None) -> ActorGroup:
+        spec = GroupSpec(role, section.num_actors, section.num_cpus_per_actor, section.num_gpus_per_actor)
+        group = ActorGroup(cls, spec, args=args, env_vars=env_vars,
+                           placement_timeout_s=self.cfg.ray.placement_timeout_s)
+        self.groups.append(group)
+        return group
+
+    def begin(self, step: int) -> None:
+        cfg = self.cfg
+        self.sync = WeightSync(cfg, self.learners, self.rollouts, info_vocab=_vocab_size(cfg),
+                               mode=self.rcfg.weight_sync)
+        self.sync.push(version=step)  # engines start from the learner's (restored) weights
+        self.rng = random.Random(cfg.seed * 7919 + step)
+        self.sampling = sampling_from_config(cfg, n=2)
+
+    def step(self, step: int) -> runner.StepResult:
+        """generate -> score -> pairs -> reference + train (on the learners) -> push weights."""
+        cfg, out = self.cfg, runner.StepResult({})
+        rows = self._next_rows(step)
+        t = time.time()
+        completions = generate(self.rollouts, [r["prompt_ids"] for r in rows], self.sampling,
+                               seed=cfg.seed * 1_000_003 + step * 104_729, version=self.sync.version,
+                               timeout=cfg.rollout.generate_timeout_s)
+        out.metrics["timing/generate_s"] = time.time() - t
+        out.completion_lengths = [len(c["token_ids"]) for pair in completions for c in pair]
+
+        t = time.time()
+        flat = [c for pair in completions for c in pair]  # prompt-major: (p0 a, p0 b, p1 a, ...)
+        scores, first_wins = self._rank(rows, flat, out.metrics)
+        out.metrics["timing/score_s"] = time.time() - t
+
+        pairs, out.table = _pairs(rows, completions, scores, first_wins, cfg.num_completions_to_log)
+        if scores is not None:
+            out.metrics["objective/scores_margin"] = float(np.mean([p["chosen_score"] - p["rejected_score"]
+                                                                    for p in pairs]))
+        out.metrics["val/contain_eos_token"] = float(np.mean([c["eos"] for c in flat]))
+
+        t = time.time()
+        beta = cfg.beta_for_epoch(step // self.steps_per_epoch)
+        per = len(pairs) // len(self.learners)
+        results = self.learners.scatter("train_step", [(pairs[i * per:(i + 1) * per], beta)
+                                                       for i in range(len(self.learners))],
+                                        timeout=cfg.learner.collective_timeout_s)
+        out.metrics.update(average_metrics(results))
+        out.metrics["timing/train_s"] = time.time() - t
+        out.metrics.update(self.sync.push(version=step + 1))
+        return out
+
+    def _next_rows(self, step: int) -> list[dict]:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            if self.batches is not None:
+                self.batches.close()
+            self.epoch, self.batches = epoch, self.prompts.epoch_batches(epoch, in_epoch)
+        return next(self.batches)
+
+    def _rank(self, rows: list[dict], flat: list[dict], metrics: dict):
+        """(scores (n, 2) or None with a judge, first_wins (n,)): which sample of each pair is chosen."""
+        cfg, n = self.cfg, len(rows)
+        prompts = [r["prompt"] for r in rows]
+        texts = [as_completion(c["text"], self.prompts.conversational) for c in flat]
+        if self.scorer is not None:
+            extra = {k: [r.get(k) for r in rows for _ in range(2)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+            total, per_source = self.scorer.score([p for p in prompts for _ in range(2)], texts,
+                                                  [c["token_ids"] for c in flat], [c["eos"] for c in flat],
+                                                  cfg.missing_eos_penalty, **extra)
+            scores = total.reshape(n, 2)
+            metrics.update(per_source)
+            metrics["objective/scores"] = float(total.mean())
+            return scores, scores[:, 0] >= scores[:, 1]  # TRL: ties go to the first sample
+        answers = judge_pairs(self.judge, prompts, [(texts[2 * i], texts[2 * i + 1]) for i in range(n)],
+                              shuffle_order=cfg.judge.shuffle_order, rng=self.rng)
+        metrics["judge/ties"] = float(np.mean([a < 0 for a in answers]))
+        return None, np.array([(self.rng.random() < 0.5) if a < 0 else a == 0 for a in answers])
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.prompts.eval_rows)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy completions for the eval prompts, scored by the reward sources."""
+        cfg, rows = self.cfg, self.prompts.eval_rows
+        sampling = {**sampling_from_config(cfg, n=1), "temperature": 0.0}
+        completions = generate(self.rollouts, [r["prompt_ids"] for r in rows], sampling, seed=cfg.seed,
+                               version=step, timeout=cfg.rollout.generate_timeout_s)
+        flat = [c[0] for c in completions]
+        metrics = {"eval_val/contain_eos_token": float(np.mean([c["eos"] for c in flat]))}
+        if self.scorer is not None:
+            texts = [as_completion(c["text"], self.prompts.conversational) for c in flat]
+            extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+            total, _ = self.scorer.score([r["prompt"] for r in rows], texts, [c["token_ids"] for c in flat],
+                                         [c["eos"] for c in flat], None, **extra)
+            metrics["eval_objective/scores"] = float(total.mean())
+        return metrics
+
+    def owns_dir(self, log_dir: str) -> None:
+        self.sync.log_to(log_dir)
+
+    def log_step(self, done: int, result: runner.StepResult, tracker) -> None:
+        cfg = self.cfg
+        every = cfg.log_completions_steps or cfg.logging_steps
+        if cfg.log_completions and (done % every == 0 or done == self.total_steps):
+            tracker.log_table("completions", result.table[: cfg.num_completions_to_log], done)
+
+    def log_extras(self) -> dict[str, float]:
+        return {"sync/version": float(self.sync.version)}
+
+    def summary(self) -> dict:
+        return {"backend": self.backend}
+
+    def stop(self) -> None:
+        if self.batches is not None:  # an open Ray Data iterator outliving Ray would re-init it at exit
+            self.batches.close()
+            self.batches = None
+        if self.scorer is not None:
+            self.scorer.shutdown()
+            self.scorer = None
+        for group in self.groups:
             group.shutdown()
+        self.groups = []
+        self.judge = None
+
+
+def _pairs(rows: list[dict], completions: list[list[dict]], scores, first_wins,
+           table_size: int) -> tuple[list[dict], list[dict]]:
+    """(training pairs: chosen / rejected token ids and scores of each prompt's two samples,
+    the first `table_size` of them as rows of the completions table)."""
+    pairs, table = [], []
+    for i, (row, pair) in enumerate(zip(rows, completions)):
+        c, r = (0, 1) if first_wins[i] else (1, 0)
+        item = {"prompt_ids": row["prompt_ids"], "chosen_ids": pair[c]["token_ids"],
+                "rejected_ids": pair[r]["token_ids"]}
+        if scores is not None:
+            item["chosen_score"], item["rejected_score"] = float(scores[i, c]), float(scores[i, r])
+        pairs.append(item)
+        if len(table) < table_size:
+            table.append({"prompt": _as_text(row["prompt"]), "chosen": pair[c]["text"], "rejected": pair[r]["text"],
+                          "chosen_score": item.get("chosen_score"), "rejected_score": item.get("rejected_score")})
+    return pairs, table
 
 
 def _vocab_size(cfg: OnlineDPOConfig) -> int:
@@ -263,64 +309,6 @@ def check_versions(results: list[dict], version: int) -> list[list[dict]]:
         raise StaleRolloutError(f"rollout results from weight versions {stale} (actor rank, version); "
                                 f"the learner is at version {version}: a weight push was lost")
     return [c for r in results for c in r["completions"]]
-
-
-def _online_step(cfg, rows, step, conversational, rollouts, learners, scorer, judge, sampling, sync, rng, beta) -> Step:
-    out = Step()
-    t = time.time()
-    completions = generate(rollouts, [r["prompt_ids"] for r in rows], sampling,
-                           seed=cfg.seed * 1_000_003 + step * 104_729, version=sync.version,
-                           timeout=cfg.rollout.generate_timeout_s)
-    out.metrics["timing/generate_s"] = time.time() - t
-
-    t = time.time()
-    n = len(rows)
-    prompts = [r["prompt"] for r in rows]
-    flat = [c for pair in completions for c in pair]  # prompt-major: (p0 a, p0 b, p1 a, ...)
-    texts = [as_completion(c["text"], conversational) for c in flat]
-    eos = np.array([c["eos"] for c in flat])
-    scores = None
-    if scorer is not None:
-        extra = {k: [r.get(k) for r in rows for _ in range(2)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
-        total, per_source = scorer.score([p for p in prompts for _ in range(2)], texts,
-                                         [c["token_ids"] for c in flat], eos.tolist(), cfg.missing_eos_penalty,
-                                         **extra)
-        scores = total.reshape(n, 2)
-        first_wins = scores[:, 0] >= scores[:, 1]  # TRL: ties go to the first sample
-        out.metrics.update(per_source)
-        out.metrics["objective/scores"] = float(total.mean())
-    else:
-        answers = judge_pairs(judge, prompts, [(texts[2 * i], texts[2 * i + 1]) for i in range(n)],
-                              shuffle_order=cfg.judge.shuffle_order, rng=rng)
-        ties = [a < 0 for a in answers]
-        first_wins = np.array([(rng.random() < 0.5) if a < 0 else a == 0 for a in answers])
-        out.metrics["judge/ties"] = float(np.mean(ties))
-    out.metrics["timing/score_s"] = time.time() - t
-
-    pairs = []
-    for i, (row, pair) in enumerate(zip(rows, completions)):
-        c, r = (0, 1) if first_wins[i] else (1, 0)
-        item = {"prompt_ids": row["prompt_ids"], "chosen_ids": pair[c]["token_ids"],
-                "rejected_ids": pair[r]["token_ids"]}
-        if scores is not None:
-            item["chosen_score"], item["rejected_score"] = float(scores[i, c]), float(scores[i, r])
-        pairs.append(item)
-        if len(out.table) < cfg.num_completions_to_log:
-            out.table.append({"prompt": _as_text(row["prompt"]), "chosen": pair[c]["text"],
-                              "rejected": pair[r]["text"],
-                              "chosen_score": item.get("chosen_score"), "rejected_score": item.get("rejected_score")})
-    if scores is not None:
-        out.metrics["objective/scores_margin"] = float(np.mean([p["chosen_score"] - p["rejected_score"] for p in pairs]))
-    out.metrics["val/contain_eos_token"] = float(eos.mean())
-
-    t = time.time()
-    per = len(pairs) // len(learners)
-    results = learners.scatter("train_pairs", [(pairs[i * per:(i + 1) * per], beta) for i in range(len(learners))],
-                               timeout=cfg.learner.collective_timeout_s)
-    out.metrics.update(average_metrics(results))
-    out.metrics["timing/train_s"] = time.time() - t
-    out.metrics.update(sync.push(version=step + 1))
-    return out
 
 
 def as_completion(text: str, conversational: bool):
@@ -442,22 +430,3 @@ class WeightSync:
                                   f"after the push of version {version} (rollout.probe_tolerance="
                                   f"{self.cfg.rollout.probe_tolerance}): the engine is not using the pushed weights")
         return {"sync/probe_max_abs_diff": float(worst)}
-
-
-def evaluate(cfg: OnlineDPOConfig, prompts: Prompts, rollouts: ActorGroup, scorer, tracker, step: int) -> dict:
-    """Greedy completions for the eval prompts, scored by the reward sources."""
-    rows = prompts.eval_rows
-    sampling = {**sampling_from_config(cfg, n=1), "temperature": 0.0}
-    completions = generate(rollouts, [r["prompt_ids"] for r in rows], sampling, seed=cfg.seed, version=step,
-                           timeout=cfg.rollout.generate_timeout_s)
-    flat = [c[0] for c in completions]
-    metrics = {"eval_val/contain_eos_token": float(np.mean([c["eos"] for c in flat]))}
-    if scorer is not None:
-        texts = [as_completion(c["text"], prompts.conversational) for c in flat]
-        extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
-        total, _ = scorer.score([r["prompt"] for r in rows], texts, [c["token_ids"] for c in flat],
-                                [c["eos"] for c in flat], None, **extra)
-        metrics["eval_objective/scores"] = float(total.mean())
-    tracker.log(metrics, step=step)
-    logger.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
-    return metrics

@@ -1,0 +1,308 @@
+"""The run skeleton every training job shares: a job supplies its actor groups and one step.
+
+`run(job)` owns what is the same for SFT, DPO, reward models and online DPO: the run dir
+(lock, overwrite, resume checks), Ray start-up, retries after an actor failure (a new
+attempt from this run's last checkpoint), restoring a checkpoint, run files and the
+metrics tracker (opened once the first step succeeded), logging / evaluation / checkpoint
+cadence, save-on-interrupt, the final save and publish, throughput and plots.
+
+A `Job` says how to start its actor groups (`start`), what one step does (`step`), how it
+evaluates (`evaluate`) and what it adds to logs and results; it holds no run mechanics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+from rayalign import checkpoint as ckpt
+from rayalign import rundir, storage
+from rayalign.actors import group
+from rayalign.actors.group import ActorFailure, ActorGroup, ensure_ray
+from rayalign.config import TrainConfig, to_dict
+from rayalign.drivers.common import staging_root
+from rayalign.tracking import MetricsLogger, ProgressReporter, average_metrics, plot_metrics
+
+logger = logging.getLogger("rayalign")
+
+
+@dataclass
+class StepResult:
+    """What one step produced: metrics to average over the logging interval, and for online
+    DPO the rows of the completions table and the sampled completion lengths."""
+
+    metrics: dict[str, float]
+    table: list[dict] = field(default_factory=list)
+    completion_lengths: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Handed to a `run(..., on_step=)` hook after every step (benchmarks time the steps)."""
+
+    step: int  # 0-based index of the step that just ran
+    result: StepResult
+    started: float  # time.time() around job.step
+    finished: float
+
+
+class Job(ABC):
+    """One kind of training job, as the run skeleton drives it."""
+
+    name: str  # progress bar and logs: "dpo", "sft", "reward", "online-dpo"
+    plot_keys: list[str]  # metrics drawn into metrics.png at the end
+    log_files: tuple[str, ...] = ("metrics.jsonl",)  # copied up to a remote output_dir at every log
+
+    def __init__(self, cfg: TrainConfig, total_steps: int, steps_per_epoch: int, samples_per_step: int):
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.samples_per_step = samples_per_step
+
+    def num_cpus(self) -> int | None:
+        """Logical CPUs of a local Ray started for this job (None: Ray's default)."""
+        return None
+
+    def prepare(self) -> None:
+        """Once Ray runs, before the first attempt (e.g. create the Ray Datasets)."""
+
+    @abstractmethod
+    def start(self) -> ActorGroup:
+        """Start this attempt's actor groups with fresh weights; returns the learner group."""
+
+    def begin(self, step: int) -> None:
+        """The learners hold step `step`'s weights (restored or initial); the loop starts."""
+
+    @abstractmethod
+    def step(self, step: int) -> StepResult:
+        """Run step `step` (0-based) to the end: its optimizer update included."""
+
+    @property
+    def has_eval(self) -> bool:
+        return False
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """eval_* metrics of the current weights."""
+        return {}
+
+    def owns_dir(self, log_dir: str) -> None:
+        """The run owns its output dir from now on (its first step succeeded)."""
+
+    def log_step(self, done: int, result: StepResult, tracker: MetricsLogger) -> None:
+        """After each step: job-specific logs (e.g. the completions table)."""
+
+    def log_extras(self) -> dict[str, float]:
+        """Added to every metrics line."""
+        return {}
+
+    def finish(self, tracker: MetricsLogger) -> None:
+        """After the last step and the final evaluation, before the final save."""
+
+    def summary(self) -> dict:
+        """Extra entries of the returned result."""
+        return {}
+
+    def report_extras(self) -> dict:
+        """Extra entries of the final Ray Tune report."""
+        return {}
+
+    def stop(self) -> None:
+        """Shut this attempt's actor groups down (also after a failed or partial start)."""
+
+
+def run(job: Job, report: Callable[[dict], None] | None = None,
+        on_step: Callable[[StepRecord], None] | None = None) -> dict:
+    """Run `job` to the end; returns final metrics, the model dir and the last checkpoint.
+    `report` (Ray Tune) receives the latest metrics after every evaluation."""
+    cfg = job.cfg
+    resume, resume_step = check_run_start(cfg, job.total_steps)  # output dir and resume: before Ray starts
+    with rundir.RunDir(cfg, resume_step) as run_dir:
+        ensure_ray(cfg.ray.address, job.num_cpus(), cfg.ray.namespace)
+        job.prepare()
+        return with_recovery(cfg, run_dir, resume, lambda resume, recoveries: _attempt(
+            job, run_dir, resume, recoveries, report, on_step))
+
+
+def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: int, report, on_step) -> dict:
+    """One try at the run: start the actor groups, restore `resume` if given, train to the end."""
+    cfg, total = job.cfg, job.total_steps
+    try:
+        learners = job.start()
+        state = {"step": 0, "log_history": []}
+        if resume:
+            local = ckpt.download_checkpoint(resume, staging_root(cfg))
+            learners.call("load", local)
+            state = ckpt.load_trainer_state(local)
+            logger.info("resumed from %s at step %d", resume, state["step"])
+        files = storage.RunFiles(cfg.output_dir)  # logs: local, or a mirror synced to the URI
+        if resume:
+            files.pull()
+        job.begin(state["step"])
+        tracker = None  # opened once the first step succeeded: the run owns the dir from then on
+        progress = ProgressReporter(total, enabled=cfg.logging.progress_bar, desc=f"rayalign {job.name}")
+
+        interval: list[dict] = []
+        final_eval: dict = {}
+        t0 = time.time()
+        group.defer_interrupts(cfg.save_on_interrupt)  # a signal from here on: finish the step, save, stop
+        for step in range(state["step"], total):
+            started = time.time()
+            result = job.step(step)
+            finished = time.time()
+            if tracker is None:
+                tracker = open_tracker(cfg, run_dir, files, state["step"], recoveries)
+                job.owns_dir(files.local_dir)
+            if on_step is not None:
+                on_step(StepRecord(step, result, started, finished))
+            interval.append(result.metrics)
+            done = step + 1
+            job.log_step(done, result, tracker)
+            if done % cfg.logging_steps == 0 or done == total:
+                metrics = {**average_metrics(interval), "epoch": done / job.steps_per_epoch, **job.log_extras()}
+                tracker.log(metrics, step=done)
+                state["log_history"].append({"step": done, **metrics})
+                interval = []
+                progress.update(done, metrics, samples=done * job.samples_per_step)
+                files.sync(job.log_files)
+            if job.has_eval and cfg.eval_steps and done % cfg.eval_steps == 0:
+                final_eval = _evaluate(job, tracker, done)
+                state["log_history"].append({"step": done, **final_eval})
+                if report is not None and done < total:
+                    report(_latest(state["log_history"], done))
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < total:
+                save(cfg, learners, {**state, "step": done, "epoch": done / job.steps_per_epoch},
+                     name=f"checkpoint-{done}", metrics=final_eval, run_id=run_dir.run_id)
+                files.sync()
+            stop_if_interrupted(cfg, learners, state, done, total, job.steps_per_epoch, run_dir, files, final_eval)
+        group.defer_interrupts(False)
+        elapsed = time.time() - t0
+        steps_run = total - state["step"]
+        if job.has_eval and (not cfg.eval_steps or total % cfg.eval_steps != 0):
+            final_eval = _evaluate(job, tracker, total)
+        job.finish(tracker)
+        final_state = {**state, "step": total, "epoch": total / job.steps_per_epoch}
+        save(cfg, learners, final_state, name=f"checkpoint-{total}", metrics=final_eval, run_id=run_dir.run_id)
+        checkpoint = f"{cfg.output_dir}/checkpoint-{total}"
+        # the model files of the last checkpoint (not its optimizer state), to output_dir itself
+        model_dir = ckpt.publish_model(f"{cfg.output_dir.rstrip('/')}/checkpoint-{total}", cfg.output_dir)
+        throughput = {"train_runtime": elapsed,
+                      "train_samples_per_second": steps_run * job.samples_per_step / max(elapsed, 1e-9),
+                      "train_steps_per_second": steps_run / max(elapsed, 1e-9)}
+        tracker.log(throughput, step=total)
+        tracker.close()
+        progress.close()
+        plot_metrics(f"{files.local_dir}/metrics.jsonl", files.local_dir, keys=job.plot_keys)
+        files.sync(extra=("metrics.png", *job.log_files[1:]))
+        train_logs = [h for h in state["log_history"] if "loss" in h]
+        if report is not None:
+            report({**_latest(state["log_history"], total), **final_eval, **throughput, "checkpoint": checkpoint,
+                    **job.report_extras()})
+        return {"metrics": {**(train_logs[-1] if train_logs else {}), **final_eval, **throughput},
+                "model_dir": model_dir, "checkpoint": checkpoint, "total_steps": total,
+                "history": state["log_history"], **job.summary()}
+    finally:
+        group.defer_interrupts(False)
+        job.stop()
+
+
+def _evaluate(job: Job, tracker: MetricsLogger, step: int) -> dict:
+    metrics = job.evaluate(step)
+    tracker.log(metrics, step=step)
+    logger.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+def _latest(history: list[dict], step: int) -> dict:
+    """The newest value of every metric logged up to `step`, with `step` itself."""
+    out: dict = {}
+    for row in history:
+        if row["step"] <= step:
+            out.update(row)
+    out["step"] = step
+    return out
+
+
+# ----------------------------------------------------------------------------- run mechanics
+
+
+def check_run_start(cfg: TrainConfig, total_steps: int) -> tuple[str | None, int | None]:
+    """Before Ray starts: may this job write output_dir, and what does it resume?
+    Returns (the resolved checkpoint to resume, its step), or (None, None)."""
+    rundir.check_output_dir(cfg)
+    if not cfg.resume_from_checkpoint:
+        return None, None
+    return rundir.check_resume(cfg, total_steps)
+
+
+def with_recovery(cfg: TrainConfig, run_dir: rundir.RunDir, resume: str | None,
+                  attempt: Callable[[str | None, int], dict]) -> dict:
+    """Run `attempt(resume, recoveries)`; after an actor death recreate everything through a
+    new attempt from this run's last complete checkpoint (or the one it resumed from), up
+    to max_failures times."""
+    failures = 0
+    start = resume
+    while True:
+        try:
+            return attempt(resume, failures)
+        except ActorFailure as exc:
+            failures += 1
+            if failures > cfg.max_failures:
+                raise ActorFailure(f"{exc}; giving up after {failures} failure(s) "
+                                   f"(max_failures={cfg.max_failures})") from exc
+            resume = run_dir.latest_checkpoint() or start
+            logger.warning("actor failure %d of max_failures=%d (%s): recreating the actor groups and "
+                           "restoring from %s", failures, cfg.max_failures, exc, resume or "step 0 (no checkpoint yet)")
+
+
+def open_tracker(cfg: TrainConfig, run_dir: rundir.RunDir, files: storage.RunFiles, step: int,
+                 recoveries: int) -> MetricsLogger:
+    """The run claims its output dir (its first step succeeded) and opens its metrics: lines
+    past `step` (the restored step) are dropped, a recovery is logged."""
+    run_dir.claim()
+    tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to, run_name=cfg.logging.run_name,
+                            project=cfg.logging.project, config_dict=to_dict(cfg))
+    tracker.truncate_after(step)
+    if recoveries:
+        tracker.log({"recoveries": recoveries}, step=step)
+    return tracker
+
+
+def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metrics: dict, run_id: str) -> str:
+    """Stage a checkpoint (weights, learner state, RNG, trainer state) and commit it."""
+    staging = os.path.join(staging_root(cfg), f".staging-{name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    learners.call("save", staging, timeout=cfg.learner.collective_timeout_s)
+    ckpt.save_trainer_state(staging, state)
+    ckpt.save_run_config(staging, cfg)
+    ckpt.write_model_card(staging, base_model=cfg.model_name_or_path,
+                          datasets=[p for p in (cfg.train_dataset, cfg.eval_dataset) if p],
+                          method=type(cfg).__name__.removesuffix("Config"), metrics=metrics)
+    path = ckpt.commit_checkpoint(staging, cfg.output_dir, name, step=state["step"], metadata={"run_id": run_id})
+    shutil.rmtree(staging, ignore_errors=True)
+    ckpt.prune_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=[path])
+    return path
+
+
+def stop_if_interrupted(cfg: TrainConfig, learners: ActorGroup, state: dict, done: int, total_steps: int,
+                        steps_per_epoch: int, run_dir: rundir.RunDir, files: storage.RunFiles,
+                        metrics: dict) -> None:
+    """save_on_interrupt: after step `done`, if a signal asked the loop to stop, save
+    checkpoint-`done` (unless save_steps just did) and raise `Interrupted`; the run can be
+    resumed from it. At the last step the run simply finishes."""
+    signum = group.pending_interrupt()
+    if signum is None or done >= total_steps:
+        return
+    name = f"checkpoint-{done}"
+    if not (cfg.save_steps and done % cfg.save_steps == 0):
+        save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch}, name=name,
+             metrics=metrics, run_id=run_dir.run_id)
+    files.sync()
+    logger.warning("stopping on %s after step %d; resume with resume_from_checkpoint: %s/%s",
+                   signal.Signals(signum).name, done, cfg.output_dir.rstrip("/"), name)
+    raise group.Interrupted(signum)

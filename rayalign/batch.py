@@ -2,8 +2,7 @@
 
 A `PreferenceBatch` holds B preference pairs as one right-padded tensor block of 2B rows:
 rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, so a single forward pass
-scores both halves (TRL's "concatenated forward"). `split(n)` / `concat` let the driver
-shard a batch over learners or micro-batches without knowing what is inside.
+scores both halves (TRL's "concatenated forward").
 """
 
 from __future__ import annotations
@@ -33,16 +32,11 @@ class PreferenceBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0] // 2
 
-    @property
-    def num_pairs(self) -> int:
-        return len(self)
-
     @classmethod
     def from_rows(
         cls,
         rows: Sequence[Mapping] | Mapping[str, Sequence],
         pad_token_id: int,
-        pad_to_multiple_of: int | None = None,
         max_length: int | None = None,
         truncation_mode: str = "keep_start",
     ) -> "PreferenceBatch":
@@ -64,27 +58,12 @@ class PreferenceBatch:
                 seqs.append(prompt + completion)
                 masks.append([0] * len(prompt) + [1] * len(completion))
         seqs, masks = truncate(seqs, masks, max_length, truncation_mode)
-        input_ids, attention_mask, completion_mask = pad_sequences(
-            seqs, masks, pad_token_id, pad_to_multiple_of
-        )
+        input_ids, attention_mask, completion_mask = pad_sequences(seqs, masks, pad_token_id)
         extras = {}
         for name in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
             if all(_present(row.get(name)) for row in rows):
                 extras[name] = torch.tensor([float(row[name]) for row in rows], dtype=torch.float32)
         return cls(input_ids, attention_mask, completion_mask, **extras)
-
-    def split(self, n: int) -> list["PreferenceBatch"]:
-        """Split into n batches of (nearly) equal numbers of pairs, keeping pairs whole."""
-        b = len(self)
-        if n < 1 or n > b:
-            raise ValueError(f"cannot split a batch of {b} pairs into {n} parts")
-        sizes = [b // n + (1 if i < b % n else 0) for i in range(n)]
-        out, start = [], 0
-        for size in sizes:
-            idx = list(range(start, start + size))
-            out.append(self.select(idx))
-            start += size
-        return out
 
     def select(self, pair_indices: Sequence[int]) -> "PreferenceBatch":
         """The sub-batch of the given pair indices (trailing all-padding columns dropped)."""
@@ -102,32 +81,6 @@ class PreferenceBatch:
         for name in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
             value = getattr(self, name)
             kwargs[name] = None if value is None else value[idx]
-        return PreferenceBatch(**kwargs)
-
-    @staticmethod
-    def concat(batches: Sequence["PreferenceBatch"], pad_token_id: int = 0) -> "PreferenceBatch":
-        """Concatenate batches pair-wise (chosen halves first, then rejected halves)."""
-        if not batches:
-            raise ValueError("PreferenceBatch.concat got no batches")
-        width = max(b.input_ids.shape[1] for b in batches)
-
-        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-        def halves(name: str, value: int) -> torch.Tensor:
-            parts = [pad(getattr(b, name), value) for b in batches]
-            chosen = [p[: p.shape[0] // 2] for p in parts]
-            rejected = [p[p.shape[0] // 2 :] for p in parts]
-            return torch.cat(chosen + rejected)
-
-        kwargs = {
-            "input_ids": halves("input_ids", pad_token_id),
-            "attention_mask": halves("attention_mask", 0),
-            "completion_mask": halves("completion_mask", 0),
-        }
-        for name in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
-            values = [getattr(b, name) for b in batches]
-            kwargs[name] = None if any(v is None for v in values) else torch.cat(values)
         return PreferenceBatch(**kwargs)
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
@@ -175,24 +128,6 @@ class SequenceBatch:
         seqs, masks = truncate(seqs, masks, max_length, truncation_mode)
         return cls(*pad_sequences(seqs, masks, pad_token_id))
 
-    def split(self, n: int) -> list["SequenceBatch"]:
-        sizes = [len(self) // n + (1 if i < len(self) % n else 0) for i in range(n)]
-        if n < 1 or n > len(self):
-            raise ValueError(f"cannot split a batch of {len(self)} rows into {n} parts")
-        out, start = [], 0
-        for size in sizes:
-            sl = slice(start, start + size)
-            width = max(int(self.attention_mask[sl].sum(dim=1).max().item()), 1)
-            out.append(
-                SequenceBatch(
-                    self.input_ids[sl, :width],
-                    self.attention_mask[sl, :width],
-                    self.completion_mask[sl, :width],
-                )
-            )
-            start += size
-        return out
-
     def to(self, device: torch.device | str) -> "SequenceBatch":
         return SequenceBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
@@ -213,12 +148,9 @@ def pad_sequences(
     seqs: Sequence[Sequence[int]],
     masks: Sequence[Sequence[int]],
     pad_token_id: int,
-    pad_to_multiple_of: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad token lists and their completion masks into (ids, attention, completion)."""
     width = max(len(s) for s in seqs)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     n = len(seqs)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)

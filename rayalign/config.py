@@ -10,7 +10,6 @@ unknown keys, wrong types and out-of-range values raise `ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 import typing
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from rayalign.losses import LOSSES, LossParams, loss_type_errors
 
 
 class ConfigError(ValueError):
@@ -151,12 +152,6 @@ class LoggingConfig:
 
 # ----------------------------------------------------------------------------- jobs
 
-LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -272,13 +267,16 @@ def is_adapter_dir(path: str | None) -> bool:
 class DPOConfig(TrainConfig):
     """Offline DPO. Loss fields follow TRL 1.16's DPOConfig (see docs/losses.md)."""
 
-    beta: float = 0.1
-    loss_type: tuple[str, ...] = ("sigmoid",)
+    # beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau are
+    # `losses.LossParams`'s fields; their defaults (TRL's) live there only, and
+    # `LossParams.of(cfg)` hands them to the losses.
+    beta: float = LossParams.beta
+    loss_type: tuple[str, ...] = ("sigmoid",)  # names in losses.LOSSES
     loss_weights: tuple[float, ...] | None = None
-    label_smoothing: float = 0.0
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    discopop_tau: float = 0.05
+    label_smoothing: float = LossParams.label_smoothing
+    f_divergence_type: str = LossParams.f_divergence_type
+    f_alpha_divergence_coef: float = LossParams.f_alpha_divergence_coef
+    discopop_tau: float = LossParams.discopop_tau
     use_weighting: bool = False  # WPO
     ld_alpha: float | None = None  # LD-DPO
     reference_free: bool = False
@@ -309,24 +307,16 @@ class DPOConfig(TrainConfig):
         _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _require(len(self.loss_type) >= 1, "loss_type", "must name at least one loss")
         for i, name in enumerate(self.loss_type):
-            _one_of(name, f"loss_type[{i}]" if len(self.loss_type) > 1 else "loss_type", LOSS_TYPES)
+            _one_of(name, f"loss_type[{i}]" if len(self.loss_type) > 1 else "loss_type", LOSSES)
         if self.loss_weights is not None:
             _require(len(self.loss_weights) == len(self.loss_type), "loss_weights",
                      f"needs one weight per loss_type ({len(self.loss_type)}), got {len(self.loss_weights)}")
         _require(0.0 <= self.label_smoothing <= 0.5, "label_smoothing",
                  f"must be in [0, 0.5], got {self.label_smoothing}")
-        if "exo_pair" in self.loss_type:
-            _require(self.label_smoothing > 0, "label_smoothing", "exo_pair needs label_smoothing > 0")
-        if "robust" in self.loss_type:
-            _require(self.label_smoothing < 0.5, "label_smoothing", "robust needs label_smoothing < 0.5")
-        _one_of(self.f_divergence_type, "f_divergence_type", F_DIVERGENCES)
-        if self.f_divergence_type != "reverse_kl":
-            bad = [t for t in self.loss_type if t not in F_DIVERGENCE_LOSSES]
-            _require(not bad, "f_divergence_type",
-                     f"{self.f_divergence_type} works only with loss types {F_DIVERGENCE_LOSSES}; got {bad}")
-        if self.use_weighting:
-            bad = [t for t in self.loss_type if t in ("aot", "aot_unpaired")]
-            _require(not bad, "use_weighting", f"not supported with loss types {bad}")
+        # Per-loss bounds, f-divergence and WPO support: the loss table's metadata.
+        errors = loss_type_errors(self.loss_type, LossParams.of(self), weighted=self.use_weighting)
+        if errors:
+            raise ConfigError(errors[0])
         if self.ld_alpha is not None:
             _require(0.0 <= self.ld_alpha <= 1.0, "ld_alpha", "must be in [0, 1] or null")
         _require(0.0 <= self.ref_model_mixup_alpha <= 1.0, "ref_model_mixup_alpha", "must be in [0, 1]")
@@ -902,9 +892,3 @@ def to_dict(cfg) -> dict[str, Any]:
 
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def config_hash(data: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

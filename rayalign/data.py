@@ -405,11 +405,6 @@ def load_preference_dataset(path: str, tokenizer_path: str, settings: TokenizeSe
     return _load(path, tokenizer_path, settings, "preference", drop_bad_rows)
 
 
-def load_sft_dataset(path: str, tokenizer_path: str, settings: TokenizeSettings, *, drop_bad_rows: bool = False):
-    """A lazy Ray Dataset of tokenized SFT rows and its DataInfo."""
-    return _load(path, tokenizer_path, settings, "sft", drop_bad_rows)
-
-
 def load_prompts(path: str, field: str = "prompts") -> list:
     """Prompt-only rows (`prompt`: string or messages) as a list, checked."""
     prompts = []

@@ -19,8 +19,6 @@ from rayalign.batch import PreferenceBatch, SequenceBatch
 from rayalign.config import DPOConfig, OnlineDPOConfig, RewardConfig, SFTConfig, TrainConfig
 from rayalign.models.logprobs import preference_logprobs, sft_logprobs
 
-RefFn = Callable[[PreferenceBatch], tuple[torch.Tensor, torch.Tensor]]
-
 
 def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig,
                   reference: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -41,11 +39,9 @@ def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig,
             raise RuntimeError("dpo_objective: batch has no reference log-probs")
         ref_c = batch.ref_chosen_logps.to(out.chosen_logps)
         ref_r = batch.ref_rejected_logps.to(out.rejected_logps)
-    loss, metrics = losses.dpo_objective(
+    loss, metrics = losses.combined_dpo_loss(
         out.chosen_logps, out.rejected_logps, ref_c, ref_r,
-        loss_type=list(cfg.loss_type), loss_weights=None if cfg.loss_weights is None else list(cfg.loss_weights),
-        beta=cfg.beta, label_smoothing=cfg.label_smoothing, f_divergence_type=cfg.f_divergence_type,
-        f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, discopop_tau=cfg.discopop_tau,
+        loss_type=cfg.loss_type, loss_weights=cfg.loss_weights, params=losses.LossParams.of(cfg),
         chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
         chosen_weights=out.chosen_weights, rejected_weights=out.rejected_weights,
     )

@@ -39,6 +39,8 @@ def test_precompute_flag_maps_onto_reference_mode():
     (["--loss_type", "nope"], "loss_type"),
     (["--loss_type", "[sigmoid, ipo]", "--loss_weights", "[1.0]"], "loss_weights"),
     (["--loss_type", "exo_pair"], "label_smoothing"),
+    (["--loss_type", "[sigmoid, robust]", "--label_smoothing", "0.5"], "label_smoothing"),
+    (["--f_divergence_type", "chi2"], "f_divergence_type"),
     (["--learner.zero_stage", "4"], "learner.zero_stage"),
     (["--learner.num_actors", "0"], "learner.num_actors"),
     (["--reference.mode", "bogus"], "reference.mode"),

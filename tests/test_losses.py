@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from rayalign import losses
-from rayalign.losses import LOSS_FUNCTIONS, dpo_loss, dpo_objective, reward_loss, reward_metrics
+from rayalign.losses import LOSSES, LossParams, combined_dpo_loss, dpo_loss, reward_loss, reward_metrics
 
-LOSS_TYPES = list(LOSS_FUNCTIONS)
+LOSS_TYPES = list(LOSSES)
 
 
 def logsig(x):
@@ -95,7 +95,7 @@ def test_every_loss_type_matches_reference(kind, seed):
     beta = 0.1 if seed != 2 else 0.5
     eps = 0.2
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, nc, nr)]
-    got, cr, rr_ = dpo_loss(*t[:4], loss_type=kind, beta=beta, label_smoothing=eps,
+    got, cr, rr_ = dpo_loss(*t[:4], loss_type=kind, params=LossParams(beta=beta, label_smoothing=eps),
                             chosen_lengths=t[4], rejected_lengths=t[5])
     want = reference(kind, pc, pr, rc, rr, nc, nr, beta, eps)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
@@ -109,8 +109,8 @@ def test_every_loss_type_matches_reference(kind, seed):
 def test_f_divergences(kind, fdiv, a):
     pc, pr, rc, rr, nc, nr = make_inputs(5)
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, nc, nr)]
-    got, _, _ = dpo_loss(*t[:4], loss_type=kind, beta=0.1, label_smoothing=0.1, f_divergence_type=fdiv,
-                         f_alpha_divergence_coef=a, chosen_lengths=t[4], rejected_lengths=t[5])
+    params = LossParams(beta=0.1, label_smoothing=0.1, f_divergence_type=fdiv, f_alpha_divergence_coef=a)
+    got, _, _ = dpo_loss(*t[:4], loss_type=kind, params=params, chosen_lengths=t[4], rejected_lengths=t[5])
     want = reference(kind, pc, pr, rc, rr, nc, nr, 0.1, 0.1, fdiv, a)
     # alpha divergence is evaluated in float32 as TRL does: float32-level agreement
     tol = 2e-6 if fdiv == "alpha_divergence" and a != 1.0 else 1e-12
@@ -128,19 +128,19 @@ def test_closed_form_sigmoid_at_zero_margin_is_log2():
     z = torch.zeros(3)
     losses_, cr, rr = dpo_loss(z, z, z, z, loss_type="sigmoid")
     assert torch.allclose(losses_, torch.full((3,), math.log(2.0)))
-    ipo, _, _ = dpo_loss(z, z, z, z, loss_type="ipo", beta=0.25, chosen_lengths=torch.ones(3),
+    ipo, _, _ = dpo_loss(z, z, z, z, loss_type="ipo", params=LossParams(beta=0.25), chosen_lengths=torch.ones(3),
                          rejected_lengths=torch.ones(3))
     assert torch.allclose(ipo, torch.full((3,), 4.0))  # (0 - 1/(2*0.25))^2
     hinge, _, _ = dpo_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]),
-                           loss_type="hinge", beta=0.1)
+                           loss_type="hinge", params=LossParams(beta=0.1))
     assert torch.allclose(hinge, torch.tensor([0.8]))
 
 
 def test_combined_losses_with_weights_and_metrics():
     pc, pr, rc, rr, nc, nr = make_inputs(3)
     t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr, nc, nr)]
-    loss, metrics = dpo_objective(*t[:4], loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3], beta=0.1,
-                                  chosen_lengths=t[4], rejected_lengths=t[5])
+    loss, metrics = combined_dpo_loss(*t[:4], loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3],
+                                      params=LossParams(beta=0.1), chosen_lengths=t[4], rejected_lengths=t[5])
     want = reference("sigmoid", pc, pr, rc, rr, nc, nr, 0.1, 0).mean() + 0.3 * (-pc.sum() / nc.sum())
     assert loss.item() == pytest.approx(want, rel=1e-12)
     cr, rj = 0.1 * (pc - rc), 0.1 * (pr - rr)
@@ -152,7 +152,7 @@ def test_combined_losses_with_weights_and_metrics():
 def test_reference_free_uses_zero_reference():
     pc, pr, rc, rr, nc, nr = make_inputs(4)
     t = [torch.tensor(x) for x in (pc, pr, rc, rr)]
-    loss, metrics = dpo_objective(*t, reference_free=True, beta=0.1)
+    loss, metrics = combined_dpo_loss(*t, reference_free=True, params=LossParams(beta=0.1))
     want = reference("sigmoid", pc, pr, 0 * rc, 0 * rr, nc, nr, 0.1, 0).mean()
     assert loss.item() == pytest.approx(want, rel=1e-12)
     assert metrics["rewards/chosen"].item() == pytest.approx(0.1 * pc.mean())
@@ -163,13 +163,13 @@ def test_wpo_weights_multiply_each_loss_and_work_with_sft():
     t = [torch.tensor(x) for x in (pc, pr, rc, rr, nc, nr)]
     wc = torch.tensor(np.linspace(0.1, 0.9, 7))
     wr = torch.tensor(np.linspace(0.9, 0.2, 7))
-    loss, _ = dpo_objective(*t[:4], loss_type=["sigmoid", "sft"], beta=0.1, chosen_lengths=t[4],
-                            rejected_lengths=t[5], chosen_weights=wc, rejected_weights=wr)
+    loss, _ = combined_dpo_loss(*t[:4], loss_type=["sigmoid", "sft"], params=LossParams(beta=0.1),
+                                chosen_lengths=t[4], rejected_lengths=t[5], chosen_weights=wc, rejected_weights=wr)
     w = (wc * wr).numpy()
     want = (reference("sigmoid", pc, pr, rc, rr, nc, nr, 0.1, 0) * w).mean() + (-pc.sum() / nc.sum() * w).mean()
     assert loss.item() == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match="use_weighting"):
-        dpo_objective(*t[:4], loss_type="aot", chosen_weights=wc, rejected_weights=wr)
+        combined_dpo_loss(*t[:4], loss_type="aot", chosen_weights=wc, rejected_weights=wr)
 
 
 def test_wpo_weights_helper():
@@ -190,17 +190,17 @@ def test_gradients_flow_and_rewards_are_detached():
     assert not cr.requires_grad and not rr.requires_grad
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"loss_type": "nope"}, "loss_type"),
-    ({"loss_type": "exo_pair", "label_smoothing": 0.0}, "label_smoothing"),
-    ({"loss_type": "ipo"}, "chosen_lengths"),
-    ({"loss_type": "apo_zero", "f_divergence_type": "forward_kl"}, "f_divergence_type"),
-    ({"loss_type": "sigmoid", "f_divergence_type": "bogus"}, "f_divergence_type"),
+@pytest.mark.parametrize("loss_type, params, match", [
+    ("nope", {}, "loss_type"),
+    ("exo_pair", {"label_smoothing": 0.0}, "label_smoothing"),
+    ("ipo", {}, "chosen_lengths"),
+    ("apo_zero", {"f_divergence_type": "forward_kl"}, "f_divergence_type"),
+    ("sigmoid", {"f_divergence_type": "bogus"}, "f_divergence_type"),
 ])
-def test_errors_name_the_argument(kwargs, match):
+def test_errors_name_the_argument(loss_type, params, match):
     z = torch.zeros(2)
     with pytest.raises(ValueError, match=match):
-        dpo_loss(z, z, z, z, **kwargs)
+        dpo_loss(z, z, z, z, loss_type=loss_type, params=LossParams(**params))
 
 
 @pytest.mark.parametrize("center", [None, 0.01])
@@ -224,3 +224,43 @@ def test_loss_table_covers_trl():
     help_text = field.metadata.get("help", "")
     for name in LOSS_TYPES:
         assert name in help_text, f"{name} is not a TRL 1.16 loss type"
+
+
+def test_loss_params_defaults_are_trls_and_dpo_configs():
+    import dataclasses
+
+    from trl import DPOConfig as TRLDPOConfig
+
+    from rayalign.config import DPOConfig
+
+    trl_defaults = {f.name: f.default for f in dataclasses.fields(TRLDPOConfig)}
+    ours = DPOConfig(model_name_or_path="m", train_dataset="d.jsonl")
+    for f in dataclasses.fields(LossParams):
+        assert f.default == trl_defaults[f.name], f.name
+    assert LossParams.of(ours) == LossParams()
+
+
+def test_a_new_loss_type_is_one_function_and_one_table_entry(monkeypatch):
+    """Registering an entry is all it takes: DPOConfig accepts the name, validates its
+    metadata, and the combined loss runs the function."""
+    from rayalign.config import ConfigError, DPOConfig
+
+    def _margin_squared(t: losses.PairTerms, p: LossParams) -> torch.Tensor:
+        return (p.beta * t.delta - 1) ** 2
+
+    bounded = losses.Requirement("label_smoothing", lambda eps: eps == 0, "label_smoothing == 0")
+    monkeypatch.setitem(losses.LOSSES, "margin_squared", losses.LossSpec(_margin_squared, requires=(bounded,)))
+    base = {"model_name_or_path": "m", "train_dataset": "d.jsonl"}
+    cfg = DPOConfig(**base, loss_type=("sigmoid", "margin_squared"), loss_weights=(1.0, 0.5), beta=0.2)
+    with pytest.raises(ConfigError, match=r"^label_smoothing: margin_squared needs label_smoothing == 0"):
+        DPOConfig(**base, loss_type=("margin_squared",), label_smoothing=0.1)
+    with pytest.raises(ConfigError, match=r"^f_divergence_type: .*\['margin_squared'\]"):
+        DPOConfig(**base, loss_type=("margin_squared",), f_divergence_type="forward_kl")
+
+    pc, pr, rc, rr, nc, nr = make_inputs(7)
+    t = [torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr)]
+    loss, _ = combined_dpo_loss(*t, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights,
+                                params=LossParams.of(cfg))
+    delta = (pc - rc) - (pr - rr)
+    want = reference("sigmoid", pc, pr, rc, rr, nc, nr, 0.2, 0).mean() + 0.5 * ((0.2 * delta - 1) ** 2).mean()
+    assert loss.item() == pytest.approx(want, rel=1e-12)

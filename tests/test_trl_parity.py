@@ -3,6 +3,7 @@ DPOTrainer (tokenization, collation, fused log-probs, loss, metrics) and through
 data pipeline, log-prob module and losses must give the same numbers."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -64,11 +65,13 @@ def ours(setup, trainer, **kw):
     batch = PreferenceBatch.from_rows(toks, tok.pad_token_id, max_length=settings.max_length)
     ld_alpha = kw.pop("ld_alpha", None)
     use_weighting = kw.pop("use_weighting", False)
+    params = losses.LossParams(**{f.name: kw.pop(f.name) for f in dataclasses.fields(losses.LossParams)
+                                  if f.name in kw})
     with torch.no_grad():
         pol = preference_logprobs(policy, batch, ld_alpha=ld_alpha, use_weighting=use_weighting)
         ref = preference_logprobs(reference, batch, ld_alpha=ld_alpha)
-        loss, metrics = losses.dpo_objective(
-            pol.chosen_logps, pol.rejected_logps, ref.chosen_logps, ref.rejected_logps,
+        loss, metrics = losses.combined_dpo_loss(
+            pol.chosen_logps, pol.rejected_logps, ref.chosen_logps, ref.rejected_logps, params=params,
             chosen_lengths=pol.chosen_lengths, rejected_lengths=pol.rejected_lengths,
             chosen_weights=pol.chosen_weights, rejected_weights=pol.rejected_weights, **kw)
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -94,7 +97,7 @@ def check(setup, trl_kwargs, our_kwargs, tol=2e-5):
     assert b == 6
 
 
-LOSS_TYPES = list(losses.LOSS_FUNCTIONS)
+LOSS_TYPES = list(losses.LOSSES)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -73,9 +73,6 @@ class Reference:
             self.tokenizer = load_tokenizer(self.cfg.tokenizer_path)
         return generate_texts(self.model, self.tokenizer, prompt_ids, max_new_tokens)
 
-    def checksum(self) -> float:
-        return float(sum(p.double().sum() for p in self.model.parameters()))
-
 
 class ReferenceLogpsStage:
     """Ray Data `map_batches` UDF: tokenized rows in, rows plus reference log-probs out."""

@@ -57,6 +57,6 @@ def evaluate(config, overrides=None) -> dict:
     """Eval job on Ray: sample from each model or checkpoint, score with a checker, a reward
     model and/or a pairwise judge; returns the summary written to `<output_dir>/summary.json`."""
     from rayalign.config import EvalConfig
-    from rayalign.drivers.evaluate import evaluate as run
+    from rayalign.drivers.evaluate import run_eval
 
-    return run(_config(EvalConfig, config, overrides))
+    return run_eval(_config(EvalConfig, config, overrides))

@@ -114,10 +114,10 @@ def _run(command: str, rest: list[str]) -> int:
         if command == "eval":
             parser.add_argument("--config", default=None, help="eval YAML (see jobs/eval-*.yaml)")
             a, overrides = parser.parse_known_args(rest)
-            from rayalign.drivers.evaluate import evaluate
+            from rayalign.drivers.evaluate import run_eval
 
             cfg = load_config(EvalConfig, a.config, overrides)
-            summary = evaluate(cfg)
+            summary = run_eval(cfg)
             keys = ("name", "checker", "reward", "win_rate")
             print(json.dumps({"output_dir": cfg.output_dir,
                               "models": [{k: m[k] for k in keys if k in m} for m in summary["models"]]},

@@ -20,6 +20,7 @@ import numpy as np
 
 from rayalign import storage
 from rayalign.config import DPOConfig, is_adapter_dir
+from rayalign.models.loading import adapter_base
 
 MARKER = "complete.json"
 TABLE = "ref_logps.parquet"
@@ -51,7 +52,7 @@ def cache_key(cfg: DPOConfig, data_path: str) -> str:
     ref_path = cfg.reference.model_name_or_path or cfg.model_name_or_path
     _hash_path(h, ref_path, ("*.safetensors", "config.json", "adapter_config.json"))
     if is_adapter_dir(ref_path):  # the reference is the adapter merged into its base model
-        base = json.loads(Path(ref_path, "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = adapter_base(ref_path)
         h.update(str(base).encode())
         if base:
             _hash_path(h, base, ("*.safetensors", "config.json"))

@@ -223,7 +223,7 @@ def test_online_dpo_raises_the_demo_reward_over_the_sft_model(ray_local, sft_mod
 
     from rayalign.config import EvalConfig
     from rayalign.demo.pipeline import online_dpo_config
-    from rayalign.drivers.evaluate import evaluate
+    from rayalign.drivers.evaluate import run_eval
 
     out = tmp_path / "online"
     cfg = dataclasses.replace(online_dpo_config(sft_model_dir, demo_data_dir, out, steps=120, backend="hf"),
@@ -234,7 +234,7 @@ def test_online_dpo_raises_the_demo_reward_over_the_sft_model(ray_local, sft_mod
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert last > first + 0.02, scores
 
-    summary = evaluate(from_dict(EvalConfig, {
+    summary = run_eval(from_dict(EvalConfig, {
         "models": [{"name": "sft", "path": sft_model_dir}, {"name": "online", "path": str(out)}],
         "eval_dataset": f"{demo_data_dir}/sft_eval.jsonl", "output_dir": str(tmp_path / "eval"),
         "checker": "rayalign.demo.task:demo_reward", "temperature": 1.0, "num_samples": 8, "max_new_tokens": 16,

@@ -282,7 +282,7 @@ class PolicyLearner(DistributedWorker):
         return module.get_base_model().config if self.cfg.lora.enabled else module.config
 
     @torch.no_grad()
-    def evaluate(self, batches: list, weights: list[float]) -> dict[str, float]:
+    def sum_eval_metrics(self, batches: list, weights: list[float]) -> dict[str, float]:
         """Weighted metric sums over eval batches (weight 0 pads ranks to equal counts, so
         every rank runs the same number of forwards — ZeRO-3 gathers need that)."""
         self.engine.eval()

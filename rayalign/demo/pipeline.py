@@ -64,7 +64,7 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     """Run the whole embedded pipeline; returns (and writes) the summary."""
     from rayalign.actors.group import ensure_ray
     from rayalign.demo.task import write_demo_data
-    from rayalign.drivers.evaluate import evaluate
+    from rayalign.drivers.evaluate import run_eval
     from rayalign.drivers.offline import train
     from rayalign.drivers.online import train_online
     from rayalign.models.tiny import build_tiny_model
@@ -130,7 +130,7 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     models = [{"name": "sft", "path": sft["checkpoint"]}, {"name": "dpo", "path": dpo["checkpoint"]},
               {"name": "online-dpo", "path": online["checkpoint"]}]
     t0 = time.time()
-    evaluation = evaluate(eval_config(models, data, out / "eval", out / "reward", backend=backend, seed=seed))
+    evaluation = run_eval(eval_config(models, data, out / "eval", out / "reward", backend=backend, seed=seed))
     timings["eval_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
 

@@ -24,15 +24,21 @@ def backend(cfg: TrainConfig) -> str:
     return "nccl" if cfg.learner.num_gpus_per_actor > 0 else "gloo"
 
 
-def local_num_cpus(cfg: TrainConfig) -> int | None:
-    """CPUs for a Ray started by rayalign: enough logical CPUs for every actor plus two for
-    Ray Data's read/tokenize tasks (iteration hangs when actors hold every CPU)."""
-    if cfg.ray.num_cpus is not None:
-        return cfg.ray.num_cpus
+def local_cpus(ray_cfg, need: float, spare: int) -> int:
+    """Logical CPUs for a Ray started by rayalign (`ray.num_cpus` if set): what every actor
+    asks for plus `spare` for tasks beside them, and at least the machine's."""
+    if ray_cfg.num_cpus is not None:
+        return ray_cfg.num_cpus
+    return int(max(os.cpu_count() or 1, math.ceil(need) + spare))
+
+
+def local_num_cpus(cfg: TrainConfig) -> int:
+    """An offline job's: every actor plus two for Ray Data's read/tokenize tasks (iteration
+    hangs when actors hold every CPU)."""
     need = cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
     if isinstance(cfg, DPOConfig) and cfg.reference_mode in ("actor", "precompute"):
         need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
-    return int(max(os.cpu_count() or 1, math.ceil(need) + 2))
+    return local_cpus(cfg.ray, need, spare=2)
 
 
 def actor_groups(cfg: TrainConfig) -> list[tuple[str, int, dict]]:
@@ -244,7 +250,7 @@ def check_models(cfg: TrainConfig) -> None:
         check_model_dir(path, name, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
 
 
-def evaluate(learners: ActorGroup, batches: list) -> dict[str, float]:
+def eval_metrics(learners: ActorGroup, batches: list) -> dict[str, float]:
     """eval_* metrics: eval batches sharded over the learners (weight-0 padding keeps the
     forward counts equal)."""
     n = len(learners)
@@ -255,7 +261,7 @@ def evaluate(learners: ActorGroup, batches: list) -> dict[str, float]:
         weights = [1.0] * len(own) + [0.0] * (per - len(own))
         own = own + [batches[0]] * (per - len(own))
         args.append((own, weights))
-    results = learners.scatter("evaluate", args)
+    results = learners.scatter("sum_eval_metrics", args)
     count = sum(r["__count__"] for r in results)
     keys = [k for k in results[0] if k != "__count__"]
     return {f"eval_{k}": sum(r[k] for r in results) / max(count, 1e-12) for k in keys}

@@ -34,6 +34,7 @@ from rayalign.data import DataError, _is_messages, prompt_text_and_ids, read_row
 from rayalign.drivers.online import as_completion, generate
 from rayalign.evaluation import (ModelSpec, balanced_swaps, expand_models, judge_swapped, mean_interval,
                                  outcome_score, plot_models, win_rate)
+from rayalign.drivers.common import local_cpus
 from rayalign.models.loading import check_model_dir, load_tokenizer
 from rayalign.scoring import build_judge, check_scorer_dir, load_function
 from rayalign.tracking import MetricsLogger
@@ -43,7 +44,7 @@ logger = logging.getLogger("rayalign")
 REFERENCE_COLUMNS = ("completion", "chosen")
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def run_eval(cfg: EvalConfig) -> dict:
     """Run the eval job; returns the summary (also written to `<output_dir>/summary.json`)."""
     t_start = time.time()
     models = expand_models(cfg.models)  # every path, row and function checked before Ray starts
@@ -261,9 +262,7 @@ def _flat_metrics(summary: dict) -> dict[str, float]:
 
 
 def _num_cpus(cfg: EvalConfig) -> int:
-    if cfg.ray.num_cpus is not None:
-        return cfg.ray.num_cpus
     need = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
     need += cfg.judge.num_cpus if cfg.judge is not None else 0
     need += cfg.scoring.num_cpus_per_actor if cfg.reward_model_path else 0
-    return int(max(os.cpu_count() or 1, math.ceil(need) + 1))
+    return local_cpus(cfg.ray, need, spare=1)

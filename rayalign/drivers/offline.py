@@ -98,7 +98,7 @@ class OfflineJob(runner.Job):
         return bool(self.eval_batches)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        return common.evaluate(self.learners, self.eval_batches)
+        return common.eval_metrics(self.learners, self.eval_batches)
 
     def finish(self, tracker) -> None:
         self.learners.call("drain")

@@ -107,8 +107,6 @@ class OnlineDPOJob(runner.Job):
 
     def num_cpus(self) -> int:
         cfg = self.cfg
-        if cfg.ray.num_cpus is not None:
-            return cfg.ray.num_cpus
         need = cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
         need += cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
         if cfg.reference_mode == "actor":
@@ -116,7 +114,7 @@ class OnlineDPOJob(runner.Job):
         need += sum(cfg.scoring.num_cpus_per_actor for s in cfg.reward_sources if not is_function_spec(s))
         if cfg.judge is not None:
             need += cfg.judge.num_cpus
-        return int(max(os.cpu_count() or 1, math.ceil(need) + 1))
+        return common.local_cpus(cfg.ray, need, spare=1)
 
     def start(self) -> ActorGroup:
         cfg = self.cfg

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import shutil
-from pathlib import Path
 
 import torch
 
 from rayalign.config import is_adapter_dir
-from rayalign.models.loading import ModelLoadError, load_causal_lm
+from rayalign.models.loading import ModelLoadError, adapter_base, load_causal_lm
 
 
 def adapter_base_model(adapter_dir: str, field: str = "model_name_or_path") -> str:
     """The base model an adapter dir was trained on (its adapter_config.json)."""
-    config = json.loads(Path(adapter_dir, "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
+    base = adapter_base(adapter_dir)
     if not base:
         raise ModelLoadError(f"{field}: {adapter_dir}/adapter_config.json names no base_model_name_or_path")
     return base

@@ -154,15 +154,21 @@ def load_tokenizer(path_or_id: str, *, trust_remote_code: bool = False, field: s
     return tok
 
 
-def _tokenizer_source(path_or_id: str) -> str:
+def adapter_base(adapter_dir: str) -> str | None:
+    """`base_model_name_or_path` of a PEFT adapter dir's adapter_config.json (None if unset)."""
     import json
 
+    return json.loads((Path(adapter_dir).expanduser() / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path") or None
+
+
+def _tokenizer_source(path_or_id: str) -> str:
     from rayalign.config import is_adapter_dir
 
     p = Path(path_or_id).expanduser()
     if not is_adapter_dir(path_or_id) or any((p / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
         return path_or_id
-    return json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or path_or_id
+    return adapter_base(path_or_id) or path_or_id
 
 
 def torch_dtype(bf16: bool) -> torch.dtype:

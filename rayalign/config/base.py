@@ -1,0 +1,143 @@
+"""Config errors, field checks and the sections every job shares (Ray, learner,
+reference, LoRA, logging)."""
+
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or combination; the message names the field."""
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _expand_paths(cfg, names: typing.Iterable[str]) -> None:
+    """`~` and `$VAR` in path fields expand as a shell would (the YAML and Python API get no
+    shell); a frozen dataclass is set through object.__setattr__."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, str) and ("~" in value[:1] or "$" in value):
+            object.__setattr__(cfg, name, os.path.expanduser(os.path.expandvars(value)))
+
+
+def _one_of(value: Any, name: str, allowed: typing.Iterable[Any]) -> None:
+    allowed = list(allowed)
+    _require(value in allowed, name, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def is_adapter_dir(path: str | None) -> bool:
+    """A local PEFT adapter directory (it holds adapter_config.json)."""
+    return bool(path) and Path(path).expanduser().joinpath("adapter_config.json").is_file()
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where to run. With `address` unset and no RAY_ADDRESS in the environment a local
+    Ray is started with `num_cpus` CPUs (None: all)."""
+
+    address: str | None = None  # "auto", "ray://host:10001", or None for local/RAY_ADDRESS
+    num_cpus: int | None = None  # only for a Ray started by rayalign
+    namespace: str | None = None
+    placement_timeout_s: float = 120.0  # fail with a clear error instead of pending forever
+
+    def __post_init__(self):
+        _require(self.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
+        if self.num_cpus is not None:
+            _require(self.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The policy learner group: one DeepSpeed rank per actor."""
+
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stages 1-3)
+    torch_threads: int | None = None  # intra-op threads per learner (None: cpus per actor)
+    collective_timeout_s: float = 600.0  # a dead peer raises instead of hanging
+
+    def __post_init__(self):
+        _require(self.num_actors >= 1, "learner.num_actors", "must be >= 1")
+        _one_of(self.zero_stage, "learner.zero_stage", [0, 1, 2, 3])
+        _require(self.num_cpus_per_actor >= 0, "learner.num_cpus_per_actor", "must be >= 0")
+        _require(self.num_gpus_per_actor >= 0, "learner.num_gpus_per_actor", "must be >= 0")
+        _require(self.collective_timeout_s > 0, "learner.collective_timeout_s", "must be > 0")
+        if self.torch_threads is not None:
+            _require(self.torch_threads >= 1, "learner.torch_threads", "must be >= 1 or null")
+
+
+REFERENCE_MODES = ("actor", "precompute", "implicit", "none")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """How reference log-probs are obtained.
+
+    `actor`: a frozen Reference actor group on its own resources; `precompute`: a Ray
+    Data stage adds `ref_chosen_logps`/`ref_rejected_logps` columns, cached on disk;
+    `implicit`: a LoRA learner disables its adapter for the reference pass; `none`:
+    reference-free (log-probs taken as 0). DPO's `ref_adapter_name` selects a fifth,
+    `adapter`: a LoRA learner switches to a frozen copy of its starting adapter.
+    """
+
+    mode: Literal["actor", "precompute", "implicit", "none"] = "actor"
+    model_name_or_path: str | None = None  # default: the policy's starting model
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 16  # rows per reference forward
+    cache_dir: str | None = None  # precompute cache; default <output_dir>/../.ref_cache
+
+    def __post_init__(self):
+        _expand_paths(self, ("model_name_or_path", "cache_dir"))
+        _one_of(self.mode, "reference.mode", REFERENCE_MODES)
+        _require(self.num_actors >= 1, "reference.num_actors", "must be >= 1")
+        _require(self.num_cpus_per_actor >= 0, "reference.num_cpus_per_actor", "must be >= 0")
+        _require(self.num_gpus_per_actor >= 0, "reference.num_gpus_per_actor", "must be >= 0")
+        _require(self.batch_size >= 1, "reference.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """PEFT LoRA on the policy; when enabled only the adapter is trained and saved. With a
+    PEFT adapter dir as `model_name_or_path` (DPO) that adapter is trained and its own
+    adapter_config.json replaces r / alpha / dropout / target_modules."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self):
+        _require(self.r >= 1, "lora.r", "must be >= 1")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0 (the adapter is scaled by alpha / r), got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides `<output_dir>/metrics.jsonl` and TensorBoard."""
+
+    report_to: tuple[str, ...] = ("tensorboard",)  # any of tensorboard, wandb, mlflow
+    project: str = "rayalign"
+    run_name: str | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for i, name in enumerate(self.report_to):
+            _one_of(name, f"logging.report_to[{i}]", ["tensorboard", "wandb", "mlflow"])
+
+
+# ----------------------------------------------------------------------------- jobs

@@ -1,0 +1,255 @@
+"""The training jobs' configs: fields every job shares (TrainingArguments names), SFT,
+DPO (loss fields from the loss table) and reward models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rayalign.config.base import (ConfigError, LearnerConfig, LoggingConfig, LoraConfig, RayConfig, ReferenceConfig,
+                                  _expand_paths, _one_of, _require, is_adapter_dir)
+from rayalign.losses import LOSSES, LossParams, loss_type_errors
+
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fields every training job shares (TRL / TrainingArguments names)."""
+
+    model_name_or_path: str = ""  # a local dir or a hub id, loaded with from_pretrained
+    tokenizer_name_or_path: str | None = None  # default: model_name_or_path
+    train_dataset: str = ""  # JSONL / Parquet / save_to_disk dir ("path:split" for a DatasetDict)
+    eval_dataset: str | None = None
+    output_dir: str = "outputs/run"
+    # TRL's name. A dir holding another run is refused unless this is set (the old run's
+    # checkpoints and logs are removed once the new run's first step succeeded) or the job
+    # resumes it with resume_from_checkpoint.
+    overwrite_output_dir: bool = False
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    logging_steps: int = 10
+    eval_steps: int | None = None  # None: evaluate only at the end (if eval_dataset)
+    save_steps: int | None = None  # None: save only the final model
+    save_total_limit: int | None = None
+    # rayalign extra: on the first SIGINT/SIGTERM of the CLI the step loop finishes its step,
+    # saves checkpoint-N and exits 130/143 (a second signal stops at once, without saving).
+    save_on_interrupt: bool = False
+    resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None  # rayalign extra (TRL 0.x): truncate the prompt first
+    max_completion_length: int | None = None  # rayalign extra: truncate completions first
+    truncation_mode: str = "keep_start"  # TRL 1.16 default
+    drop_bad_rows: bool = False  # True: drop and count malformed rows instead of failing
+    trust_remote_code: bool = False
+    # Actor deaths survived per run: groups are recreated and the run restored from the last
+    # complete checkpoint (or restarted from step 0 before the first one). 0: fail at once.
+    max_failures: int = 3
+    ray: RayConfig = field(default_factory=RayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        _expand_paths(self, ("model_name_or_path", "tokenizer_name_or_path", "train_dataset", "eval_dataset",
+                             "output_dir", "resume_from_checkpoint"))
+        _require(bool(self.model_name_or_path), "model_name_or_path", "is required")
+        _require(bool(self.train_dataset), "train_dataset", "is required")
+        _require(bool(self.output_dir), "output_dir", "is required")
+        _require(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
+                 "set max_steps > 0 or num_train_epochs > 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, "must be >= 1 or null")
+        _require(0 <= self.learning_rate < float("inf"), "learning_rate", f"must be >= 0 and finite, got "
+                 f"{self.learning_rate}")
+        _require(self.max_failures >= 0, "max_failures", "must be >= 0")
+        _require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (numpy and torch seeds), got {self.seed}")
+        _require(self.num_train_epochs >= 0, "num_train_epochs", f"must be >= 0, got {self.num_train_epochs}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _require(self.adam_epsilon >= 0, "adam_epsilon", f"must be >= 0, got {self.adam_epsilon}")
+        _one_of(self.lr_scheduler_type, "lr_scheduler_type", SCHEDULERS)
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _one_of(self.truncation_mode, "truncation_mode", ["keep_end", "keep_start"])
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, "must be >= 1 or null")
+        if self.lora.enabled and self.learner.zero_stage == 3:
+            raise ConfigError("lora.enabled: LoRA with learner.zero_stage=3 is not supported; use stage 0-2")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer_name_or_path or self.model_name_or_path
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.learner.num_actors
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: NLL on completion tokens."""
+
+    learning_rate: float = 2e-5
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainConfig):
+    """Offline DPO. Loss fields follow TRL 1.16's DPOConfig (see docs/losses.md)."""
+
+    # beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau are
+    # `losses.LossParams`'s fields; their defaults (TRL's) live there only, and
+    # `LossParams.of(cfg)` hands them to the losses.
+    beta: float = LossParams.beta
+    loss_type: tuple[str, ...] = ("sigmoid",)  # names in losses.LOSSES
+    loss_weights: tuple[float, ...] | None = None
+    label_smoothing: float = LossParams.label_smoothing
+    f_divergence_type: str = LossParams.f_divergence_type
+    f_alpha_divergence_coef: float = LossParams.f_alpha_divergence_coef
+    discopop_tau: float = LossParams.discopop_tau
+    use_weighting: bool = False  # WPO
+    ld_alpha: float | None = None  # LD-DPO
+    reference_free: bool = False
+    precompute_ref_log_probs: bool = False  # TRL name; same as reference.mode=precompute
+    sync_ref_model: bool = False  # TR-DPO
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    padding_free: bool = False
+    generate_during_eval: bool = False
+    num_generate_prompts: int = 4
+    max_new_tokens: int = 16
+    # PEFT policies (lora.enabled; model_name_or_path may be an adapter dir to continue).
+    # The trained adapter's name inside the learner (TRL name); the checkpoint holds only it.
+    model_adapter_name: str = "default"
+    # TRL name. Set: the reference is a frozen copy of the starting adapter, loaded a second
+    # time under this name, and the learner switches to it for reference log-probs (the
+    # effective reference mode `adapter`). Needs a LoRA policy; reference.mode stays actor.
+    ref_adapter_name: str | None = None
+    # TRL name. A LoRA policy takes its reference from its own weights (reference.mode
+    # implicit, or ref_adapter_name); reference.mode actor / precompute load a separate
+    # model and, as in TRL, must be asked for with force_use_ref_model=true (ConfigError
+    # otherwise). reference.model_name_or_path may be an adapter dir (loaded merged).
+    force_use_ref_model: bool = False
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _require(len(self.loss_type) >= 1, "loss_type", "must name at least one loss")
+        for i, name in enumerate(self.loss_type):
+            _one_of(name, f"loss_type[{i}]" if len(self.loss_type) > 1 else "loss_type", LOSSES)
+        if self.loss_weights is not None:
+            _require(len(self.loss_weights) == len(self.loss_type), "loss_weights",
+                     f"needs one weight per loss_type ({len(self.loss_type)}), got {len(self.loss_weights)}")
+        _require(0.0 <= self.label_smoothing <= 0.5, "label_smoothing",
+                 f"must be in [0, 0.5], got {self.label_smoothing}")
+        # Per-loss bounds, f-divergence and WPO support: the loss table's metadata.
+        errors = loss_type_errors(self.loss_type, LossParams.of(self), weighted=self.use_weighting)
+        if errors:
+            raise ConfigError(errors[0])
+        if self.ld_alpha is not None:
+            _require(0.0 <= self.ld_alpha <= 1.0, "ld_alpha", "must be in [0, 1] or null")
+        _require(0.0 <= self.ref_model_mixup_alpha <= 1.0, "ref_model_mixup_alpha", "must be in [0, 1]")
+        _require(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", "must be >= 1")
+        _require(self.discopop_tau > 0, "discopop_tau", f"must be > 0, got {self.discopop_tau}")
+        _require(self.num_generate_prompts >= 1, "num_generate_prompts", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        mode = self.reference_mode
+        if mode == "implicit":
+            _require(self.lora.enabled, "reference.mode", "implicit needs lora.enabled=true")
+        if self.sync_ref_model:
+            _require(mode == "actor", "sync_ref_model",
+                     f"TR-DPO needs reference.mode=actor (got {mode}): precomputed or implicit "
+                     "references cannot be updated")
+            _require(not self.lora.enabled, "sync_ref_model",
+                     "TR-DPO mixes full policy weights into the reference; not supported with a LoRA policy")
+        if self.precompute_ref_log_probs:
+            _require(self.reference.mode in ("actor", "precompute"), "precompute_ref_log_probs",
+                     f"conflicts with reference.mode={self.reference.mode}")
+        self._check_peft(mode)
+
+    def _check_peft(self, mode: str) -> None:
+        """The PEFT reference options: adapter dirs, two adapters, force_use_ref_model."""
+        if is_adapter_dir(self.model_name_or_path):
+            _require(self.lora.enabled, "lora.enabled",
+                     f"model_name_or_path={self.model_name_or_path} is a PEFT adapter dir (adapter_config.json); "
+                     "set lora.enabled=true to continue training that adapter")
+        if self.lora.enabled:
+            import torch
+
+            for name in ("model_adapter_name", "ref_adapter_name"):
+                value = getattr(self, name)
+                _require(value is None or (value.isidentifier() and not hasattr(torch.nn.Module, value)),
+                         name, f"{value!r} is not usable as a PEFT adapter name (an identifier that is not "
+                         "a torch.nn.Module attribute such as 'train')")
+        if self.ref_adapter_name is not None:
+            _require(self.lora.enabled, "ref_adapter_name",
+                     "a reference adapter needs a LoRA policy (lora.enabled=true, optionally with an adapter "
+                     "dir as model_name_or_path)")
+            _require(self.ref_adapter_name != self.model_adapter_name, "ref_adapter_name",
+                     f"must differ from model_adapter_name ({self.model_adapter_name!r})")
+            _require(not self.force_use_ref_model, "ref_adapter_name",
+                     "conflicts with force_use_ref_model=true (a separate reference model); set one of them")
+            conflict = ("reference_free" if self.reference_free else
+                        "precompute_ref_log_probs" if self.precompute_ref_log_probs else
+                        f"reference.mode={self.reference.mode}" if self.reference.mode != "actor" else None)
+            _require(conflict is None, "ref_adapter_name",
+                     f"selects the adapter reference; conflicts with {conflict}")
+        if self.force_use_ref_model:
+            _require(mode in ("actor", "precompute"), "force_use_ref_model",
+                     f"asks for a separate reference model; conflicts with reference mode {mode}")
+        if self.lora.enabled and mode in ("actor", "precompute") and not self.force_use_ref_model:
+            name = "precompute_ref_log_probs" if self.precompute_ref_log_probs else "reference.mode"
+            raise ConfigError(
+                f"{name}: reference mode {mode} loads a separate reference model, but the policy is a LoRA "
+                "adapter: use reference.mode=implicit (adapter disabled), ref_adapter_name (a frozen copy of "
+                "the starting adapter), or set force_use_ref_model=true to load "
+                f"{self.reference.model_name_or_path or self.model_name_or_path} as the reference anyway")
+
+    @property
+    def reference_mode(self) -> str:
+        """The effective mode: reference_free, precompute_ref_log_probs and ref_adapter_name
+        map onto it."""
+        if self.reference_free:
+            return "none"
+        if self.precompute_ref_log_probs:
+            return "precompute"
+        if self.ref_adapter_name is not None:
+            return "adapter"
+        return self.reference.mode
+
+
+@dataclass(frozen=True)
+class RewardConfig(TrainConfig):
+    """Bradley–Terry reward-model training (TRL RewardConfig names)."""
+
+    learning_rate: float = 1e-4
+    center_rewards_coefficient: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.center_rewards_coefficient is not None:
+            _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")

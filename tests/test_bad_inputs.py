@@ -3,7 +3,6 @@ actor starts, and leave the output dir (a finished checkpoint and metrics) byte-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 import rayalign
 from rayalign import checkpoint as ckpt
+from tests.helpers import snapshot
 
 
 def _rows(demo_data_dir, name, n=64):
@@ -145,11 +145,6 @@ CASES = [
 ]
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def _fill(value, d):
     if isinstance(value, str):
         return value.replace("{d}", str(d))
@@ -169,7 +164,7 @@ def test_bad_input_is_rejected_early_and_touches_nothing(case, over, error, culp
     (staged / "trainer_state.json").write_text('{"step": 2, "log_history": []}')
     ckpt.commit_checkpoint(str(staged), str(out), "checkpoint-2", step=2)
     (out / "metrics.jsonl").write_text('{"step": 2, "loss": 0.69}\n')
-    before = _snapshot(out)
+    before = snapshot(out)
     cfg = {"model_name_or_path": tiny_model_dir, "train_dataset": str(inputs / "good.jsonl"),
            "eval_dataset": str(inputs / "good.jsonl"), "output_dir": str(out), "max_steps": 2,
            "per_device_train_batch_size": 8, "max_length": 64, "logging": {"progress_bar": False},
@@ -185,6 +180,6 @@ def test_bad_input_is_rejected_early_and_touches_nothing(case, over, error, culp
         rayalign.train_dpo(cfg)
     assert type(info.value).__name__ == error, repr(info.value)
     assert culprit in str(info.value), str(info.value)
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     if not ray_was_up:
         assert not ray.is_initialized(), "Ray was started before the input was checked"

@@ -14,6 +14,7 @@ from rayalign.batch import PreferenceBatch
 from rayalign.data import TokenizeSettings, validate_file
 from rayalign.models.loading import load_tokenizer
 from rayalign.models.logprobs import preference_logprobs
+from tests.helpers import merged, write_head
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +22,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def small_data(demo_data_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("dpo-data")
-    lines = Path(demo_data_dir, "pref_train.jsonl").read_text().splitlines()
-    (d / "train.jsonl").write_text("\n".join(lines[:320]) + "\n")
-    (d / "eval.jsonl").write_text("\n".join(Path(demo_data_dir, "pref_eval.jsonl").read_text().splitlines()[:32]) + "\n")
-    (d / "eight.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    write_head(Path(demo_data_dir, "pref_train.jsonl"), d / "train.jsonl", 320)
+    write_head(Path(demo_data_dir, "pref_eval.jsonl"), d / "eval.jsonl", 32)
+    write_head(Path(demo_data_dir, "pref_train.jsonl"), d / "eight.jsonl", 8)
     return d
 
 
@@ -39,12 +39,7 @@ def base(tiny_model_dir, small_data, out, **over):
         "reference": {"mode": "precompute", "num_actors": 1, "num_cpus_per_actor": 0.5,
                       "cache_dir": str(out.parent / "ref-cache")},
     }
-    for key, value in over.items():
-        if isinstance(value, dict):
-            cfg[key] = {**cfg.get(key, {}), **value}
-        else:
-            cfg[key] = value
-    return cfg
+    return merged(cfg, over)
 
 
 def metrics(out):

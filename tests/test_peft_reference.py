@@ -15,6 +15,7 @@ from rayalign.config import ConfigError, DPOConfig, load_config
 from rayalign.data import TokenizeSettings, validate_file
 from rayalign.models.loading import load_causal_lm, load_tokenizer
 from rayalign.models.logprobs import preference_logprobs
+from tests.helpers import merged, write_head
 
 REF = "reference"
 
@@ -43,8 +44,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def data(demo_data_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("peft-data")
-    lines = Path(demo_data_dir, "pref_train.jsonl").read_text().splitlines()
-    (d / "train.jsonl").write_text("\n".join(lines[:320]) + "\n")
+    write_head(Path(demo_data_dir, "pref_train.jsonl"), d / "train.jsonl", 320)
     return d
 
 
@@ -55,9 +55,7 @@ def run_cfg(adapter_dir, data, out, **over):
            "lora": {"enabled": True},
            "learner": {"num_actors": 1, "num_cpus_per_actor": 0.5, "zero_stage": 2},
            "reference": {"num_actors": 1, "num_cpus_per_actor": 0.5, "cache_dir": str(out.parent / "ref-cache")}}
-    for key, value in over.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    return cfg
+    return merged(cfg, over)
 
 
 def train_rows(out):

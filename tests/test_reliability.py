@@ -19,6 +19,7 @@ import yaml
 import rayalign
 from rayalign import checkpoint as ckpt
 from rayalign import faults
+from tests.helpers import write_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +29,8 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def data(demo_data_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("rel-data")
-    lines = Path(demo_data_dir, "pref_train.jsonl").read_text().splitlines()
-    (d / "train.jsonl").write_text("\n".join(lines[:256]) + "\n")
-    (d / "eval.jsonl").write_text("\n".join(Path(demo_data_dir, "pref_eval.jsonl").read_text().splitlines()[:32]) + "\n")
+    write_head(Path(demo_data_dir, "pref_train.jsonl"), d / "train.jsonl", 256)
+    write_head(Path(demo_data_dir, "pref_eval.jsonl"), d / "eval.jsonl", 32)
     return d
 
 

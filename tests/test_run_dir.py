@@ -4,7 +4,6 @@ file as it was; an overwrite or a recovery never mixes two runs' checkpoints."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import socket
@@ -20,18 +19,13 @@ from rayalign import checkpoint as ckpt
 from rayalign import faults, rundir
 from rayalign.config import DPOConfig, from_dict, to_yaml
 from rayalign.rundir import OutputDirError, RunDir
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.helpers import snapshot, write_head
 
 
 @pytest.fixture(scope="module")
 def train_file(demo_data_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("rundir-data") / "train.jsonl"
-    path.write_text("\n".join(Path(demo_data_dir, "pref_train.jsonl").read_text().splitlines()[:64]) + "\n")
-    return str(path)
+    return str(write_head(Path(demo_data_dir, "pref_train.jsonl"), path, 64))
 
 
 def config(tiny_model_dir, train_file, out, **over) -> dict:
@@ -55,7 +49,7 @@ def old_run(out: Path, cfg: dict, step: int = 100) -> dict[str, str]:
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, step)))
     (out / "runs").mkdir()
     (out / "runs" / "events.out.tfevents.old").write_bytes(b"old events")
-    return _snapshot(out)
+    return snapshot(out)
 
 
 def _refused(cfg: dict, error: type, culprit: str) -> None:
@@ -76,20 +70,20 @@ def test_output_dir_equal_to_or_inside_the_model_dir_is_refused(tiny_model_dir, 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    before = _snapshot(model)
+    before = snapshot(model)
     for out in (model, model / "run"):
         _refused(config(str(model), train_file, out), OutputDirError, "the model dir model_name_or_path")
-    assert _snapshot(model) == before and not (model / "run").exists()
+    assert snapshot(model) == before and not (model / "run").exists()
 
 
 def test_overwrite_never_deletes_a_model_inside_the_output_dir(tiny_model_dir, train_file, tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = tmp_path / "run"
     shutil.copytree(tiny_model_dir, out / "checkpoint-7")
-    before = _snapshot(out)
+    before = snapshot(out)
     _refused(config(str(out / "checkpoint-7"), train_file, out, overwrite_output_dir=True), OutputDirError,
              "would delete model_name_or_path")
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_output_dir_that_is_a_file_is_refused(tiny_model_dir, train_file, tmp_path, monkeypatch):
@@ -164,7 +158,7 @@ def test_resume_with_other_model_or_batch_size_names_the_fields(tiny_model_dir, 
     msg = str(info.value)
     assert "model_name_or_path" in msg and "per_device_train_batch_size (checkpoint: 8, now: 4)" in msg, msg
     assert "seed" not in msg and "loss_type" not in msg  # only what differs is named
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_resume_from_an_older_checkpoint_beside_later_ones_is_refused(tiny_model_dir, train_file, tmp_path,
@@ -178,10 +172,10 @@ def test_resume_from_an_older_checkpoint_beside_later_ones_is_refused(tiny_model
     (staged / ckpt.MARKER).unlink()
     (staged / "trainer_state.json").write_text(json.dumps({"step": 6, "log_history": []}))
     ckpt.commit_checkpoint(str(staged), str(out), "checkpoint-6", step=6)
-    before = _snapshot(out)
+    before = snapshot(out)
     _refused({**cfg, "resume_from_checkpoint": str(out / "checkpoint-2")}, ckpt.CheckpointError,
              "later checkpoints (checkpoint-6)")
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 # ----------------------------------------------------------------------------- on Ray
@@ -213,7 +207,7 @@ def test_a_run_failing_after_the_actors_started_leaves_the_old_run_as_it_was(ray
     with pytest.raises(ActorFailure):
         rayalign.train_dpo(config(tiny_model_dir, train_file, out, overwrite_output_dir=True))
     assert (tmp_path / "fired").exists()  # the learner died in its first step
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 @pytest.mark.slow
@@ -239,8 +233,8 @@ def test_resume_at_the_end_of_a_real_run_is_refused_and_rewrites_nothing(ray_loc
     out = tmp_path / "run"
     cfg = config(tiny_model_dir, train_file, out)
     rayalign.train_dpo(cfg)
-    before = _snapshot(out)
+    before = snapshot(out)
     for spec in ("latest", str(out / "checkpoint-2")):
         with pytest.raises(ckpt.CheckpointError, match="at step 2 and this run ends at step 2"):
             rayalign.train_dpo({**cfg, "resume_from_checkpoint": spec})
-    assert _snapshot(out) == before
+    assert snapshot(out) == before

@@ -11,7 +11,7 @@ drivers and weight-sync channels ask a backend instead of testing its name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypedDict
 
 import torch
@@ -49,7 +49,7 @@ class LoadResult:
     rank: int
     fingerprint: dict[str, float] | None
     seconds: float
-    probe: list[float] | None = field(default=None)
+    probe: list[float] | None = None
 
 
 class RolloutEngine(ABC):

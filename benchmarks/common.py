@@ -17,8 +17,7 @@ def setup(prefix: str, steps: int = 200, batch: int = 8,
     """Parse --steps/--batch (and whatever `add_args` adds), pin 2 threads, build the tiny
     model and the demo data (preference, SFT and prompt files side by side) in a fresh temp
     dir; returns (args, temp dir, model dir, preference train file)."""
-    from rayalign.demo.task import write_demo_data
-    from rayalign.models.tiny import build_tiny_model
+    from rayalign.demo.task import build_demo_model, write_demo_data
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=steps)
@@ -28,7 +27,7 @@ def setup(prefix: str, steps: int = 200, batch: int = 8,
     args = p.parse_args()
     torch.set_num_threads(2)
     tmp = tempfile.mkdtemp(prefix=prefix)
-    model_dir = str(build_tiny_model(f"{tmp}/model"))
+    model_dir = str(build_demo_model(f"{tmp}/model"))
     data = str(write_demo_data(f"{tmp}/data") / "pref_train.jsonl")
     return args, tmp, model_dir, data
 

@@ -127,9 +127,9 @@ def _run(command: str, rest: list[str]) -> int:
             parser.add_argument("--output", required=True)
             parser.add_argument("--seed", type=int, default=0)
             a = parser.parse_args(rest)
-            from rayalign.models.tiny import build_tiny_model
+            from rayalign.demo.task import build_demo_model
 
-            print(build_tiny_model(a.output, seed=a.seed))
+            print(build_demo_model(a.output, seed=a.seed))
         elif command == "demo-data":
             parser.add_argument("--output", required=True)
             parser.add_argument("--seed", type=int, default=0)

@@ -38,10 +38,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A freshly built tiny Llama + BPE tokenizer, saved with save_pretrained."""
-    from rayalign.models.tiny import build_tiny_model
+    from rayalign.demo.task import build_demo_model
 
     out = tmp_path_factory.mktemp("tiny-model")
-    return str(build_tiny_model(out, seed=0))
+    return str(build_demo_model(out, seed=0))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from rayalign.demo.task import check_answers
 from rayalign.evaluation import (balanced_swaps, expand_models, judge_swapped, mean_interval, outcome_score,
                                  wilson_interval, win_rate)
 from rayalign.models.loading import load_causal_lm
-from rayalign.scoring import parse_judgment
+from rayalign.rewards.judges import parse_judgment
 
 # ----------------------------------------------------------------------------- statistics
 

@@ -13,7 +13,8 @@ import pytest
 import rayalign
 from rayalign import checkpoint as ckpt
 from rayalign.config import ConfigError, OnlineDPOConfig, ScoringConfig, from_dict
-from rayalign.scoring import RewardModelJudge, RewardSources, ScoreError
+from rayalign.rewards import RewardSources, ScoreError
+from rayalign.rewards.judges import RewardModelJudge
 from tests import reward_helpers
 
 H = "tests.reward_helpers"

@@ -12,9 +12,9 @@ import pytest
 from safetensors.torch import load_file
 
 import rayalign
-from rayalign.actors.rollout import WeightSyncError
 from rayalign.config import ConfigError, OnlineDPOConfig, from_dict
 from rayalign.models import weights as weights_lib
+from rayalign.weight_sync import WeightSyncError
 
 TRL_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores", "objective/scores_margin", "rewards/chosen", "rewards/rejected",

@@ -25,6 +25,7 @@ from rayalign.config import TrainConfig, is_adapter_dir
 from rayalign.models import adapters
 from rayalign.models.loading import (ModelLoadError, disable_dropout, load_causal_lm, load_reward_model,
                                      load_tokenizer)
+from rayalign.weight_sync.base import WeightExport
 
 logger = logging.getLogger(__name__)
 
@@ -218,18 +219,18 @@ class PolicyLearner(DistributedWorker):
             reported = self.engine.get_global_grad_norm()
             self._grad_norm = norm if reported is None else float(reported)
 
-    def export_weights(self, probe: list[int] | None = None) -> dict | None:
-        """The weights rollout engines load, for a push: on rank 0 a dict with the state
-        dict in Ray's object store (`state`: [ref], base-model names, LoRA merged into a
-        copy, a tied lm_head left out), its `fingerprint`, and the log-probs of `probe`.
+    def export_weights(self, probe: list[int] | None = None) -> WeightExport | None:
+        """The weights rollout engines load, for a push: on rank 0 a `WeightExport` with the
+        state dict in Ray's object store (`state`: a ref, base-model names, LoRA merged into
+        a copy, a tied lm_head left out), its `fingerprint`, and the log-probs of `probe`.
         Every rank must call it (ZeRO-3 gathers)."""
         from rayalign.models import weights as weights_lib
 
         state, probe_logps = self._weights_for_push(probe, copy_to="cpu")
         if self.rank != 0:
             return None
-        return {"state": [ray.put(state)], "fingerprint": weights_lib.fingerprint(state.values()),
-                "probe": probe_logps, "num_tensors": len(state)}
+        return WeightExport(fingerprint=weights_lib.fingerprint(state.values()), probe=probe_logps,
+                            num_tensors=len(state), state=ray.put(state))
 
     def _weights_for_push(self, probe: list[int] | None, copy_to: str | None):
         """(state on rank 0 else None, probe log-probs): what export_weights /
@@ -251,7 +252,7 @@ class PolicyLearner(DistributedWorker):
             state.pop("lm_head.weight", None)
         return state, probe_logps
 
-    # ------------------------------------------------------------------ nccl weight sync (rayalign/weight_sync.py)
+    # ------------------------------------------------------------------ nccl weight sync (rayalign/weight_sync/nccl.py)
 
     def open_weight_sync(self, host: str, port: int, world_size: int, kind: str, timeout_s: float) -> None:
         """Rank 0: become rank 0 of the broadcast group with the rollout engines."""
@@ -259,18 +260,19 @@ class PolicyLearner(DistributedWorker):
 
         self._weight_sender = weight_sync.Sender(kind, host, port, world_size, timeout_s)
 
-    def prepare_weights(self, probe: list[int] | None = None) -> dict | None:
+    def prepare_weights(self, probe: list[int] | None = None) -> WeightExport | None:
         """export_weights for the broadcast channel: the state stays where it lives until
-        `broadcast_weights`; rank 0 returns its metadata (`meta`: name, dtype, shape in
-        send order), `fingerprint` and the probe log-probs. Every rank must call it."""
+        `broadcast_weights`; rank 0 returns a `WeightExport` with its metadata (`meta`: name,
+        dtype, shape in send order), `fingerprint` and the probe log-probs. Every rank must
+        call it."""
         from rayalign import weight_sync
 
         state, probe_logps = self._weights_for_push(probe, copy_to=None)
         if self.rank != 0:
             return None
         self._outgoing = state
-        return {"meta": weight_sync.describe(state), "fingerprint": weight_sync.sent_fingerprint(state),
-                "probe": probe_logps, "num_tensors": len(state)}
+        return WeightExport(fingerprint=weight_sync.sent_fingerprint(state), probe=probe_logps,
+                            num_tensors=len(state), meta=weight_sync.describe(state))
 
     def broadcast_weights(self) -> None:
         """Rank 0: broadcast what prepare_weights took (the engines receive at the same time)."""

@@ -16,12 +16,12 @@ from rayalign.config.base import (REFERENCE_MODES, ConfigError, LearnerConfig, L
 from rayalign.config.eval import EVAL_MODEL_KEYS, EvalConfig
 from rayalign.config.loading import deep_merge, from_dict, load_config, parse_overrides, to_dict, to_yaml
 from rayalign.config.online import OnlineDPOConfig
-from rayalign.config.sampling import (DEFAULT_JUDGE_TEMPLATE, ROLLOUT_BACKENDS, JudgeConfig,
+from rayalign.config.sampling import (DEFAULT_JUDGE_TEMPLATE, JudgeConfig,
                                       RolloutConfig, SamplingConfig, ScoringConfig)
 from rayalign.config.train import SCHEDULERS, DPOConfig, RewardConfig, SFTConfig, TrainConfig
 
 __all__ = ["REFERENCE_MODES", "ConfigError", "LearnerConfig", "LoggingConfig", "LoraConfig", "RayConfig",
            "ReferenceConfig", "is_adapter_dir", "EVAL_MODEL_KEYS", "EvalConfig", "deep_merge", "from_dict",
            "load_config", "parse_overrides", "to_dict", "to_yaml", "OnlineDPOConfig", "DEFAULT_JUDGE_TEMPLATE",
-           "ROLLOUT_BACKENDS", "JudgeConfig", "RolloutConfig", "SamplingConfig", "ScoringConfig", "SCHEDULERS",
+           "JudgeConfig", "RolloutConfig", "SamplingConfig", "ScoringConfig", "SCHEDULERS",
            "DPOConfig", "RewardConfig", "SFTConfig", "TrainConfig"]

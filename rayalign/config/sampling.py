@@ -32,7 +32,18 @@ class SamplingConfig:
         _require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
 
 
-ROLLOUT_BACKENDS = ("auto", "vllm", "hf")
+def rollout_backends() -> tuple[str, ...]:
+    """`auto` and every registered rollout engine (rayalign/engines: ENGINES)."""
+    from rayalign.engines import ENGINES  # here, not at import: the engines import models, which import config
+
+    return ("auto", *ENGINES)
+
+
+def weight_sync_channels() -> tuple[str, ...]:
+    """`auto` and every registered weight-sync channel (rayalign/weight_sync: CHANNELS)."""
+    from rayalign.weight_sync import CHANNELS
+
+    return ("auto", *CHANNELS)
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,11 @@ class RolloutConfig:
     from the learner after every step; `weight_sync` picks the channel: `object_store`
     (Ray's object store; every platform) or `nccl` (a broadcast group between learner rank 0
     and the engines' workers, set up once; GPU learners and rollout actors, whole GPUs;
-    rayalign/weight_sync.py); `auto` is nccl when both hold whole GPUs and the backend is
+    rayalign/weight_sync/); `auto` is nccl when both hold whole GPUs and the backend is
     vLLM, object_store otherwise.
     """
 
-    backend: Literal["auto", "vllm", "hf"] = "auto"
+    backend: str = "auto"  # or a name in rayalign.engines.ENGINES
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
@@ -58,7 +69,7 @@ class RolloutConfig:
     dtype: str = "auto"  # vLLM dtype; "auto" is float32 on CPU, the model's dtype on GPU
     max_model_len: int | None = None  # vLLM context; default: the job's max_length
     kv_cache_space_gib: int = 1  # vLLM on CPU: VLLM_CPU_KVCACHE_SPACE
-    weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
+    weight_sync: str = "auto"  # or a name in rayalign.weight_sync.CHANNELS
     weight_sync_timeout_s: float = 300.0  # a push that takes longer fails instead of hanging
     generate_timeout_s: float = 900.0
     verify_weights: bool = True  # after each push: fingerprint of what every engine loaded + probe log-probs
@@ -66,13 +77,13 @@ class RolloutConfig:
     hf_batch_size: int = 64  # HF backend: sequences per generate call
 
     def __post_init__(self):
-        _one_of(self.backend, "rollout.backend", ROLLOUT_BACKENDS)
+        _one_of(self.backend, "rollout.backend", rollout_backends())
         _require(self.num_actors >= 1, "rollout.num_actors", "must be >= 1")
         _require(self.num_cpus_per_actor >= 0, "rollout.num_cpus_per_actor", "must be >= 0")
         _require(self.num_gpus_per_actor >= 0, "rollout.num_gpus_per_actor", "must be >= 0")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", "must be in (0, 1]")
         _require(self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
-        _one_of(self.weight_sync, "rollout.weight_sync", ["auto", "object_store", "nccl"])
+        _one_of(self.weight_sync, "rollout.weight_sync", weight_sync_channels())
         _require(self.weight_sync_timeout_s > 0, "rollout.weight_sync_timeout_s", "must be > 0")
         _require(self.generate_timeout_s > 0, "rollout.generate_timeout_s", "must be > 0")
         _require(self.hf_batch_size >= 1, "rollout.hf_batch_size", "must be >= 1")
@@ -119,7 +130,7 @@ class JudgeConfig:
     template: str = DEFAULT_JUDGE_TEMPLATE
     max_new_tokens: int = 8
     temperature: float = 0.0  # greedy answers
-    backend: Literal["auto", "vllm", "hf"] = "auto"  # llm judge: the rollout backend it runs on
+    backend: str = "auto"  # llm judge: the rollout backend it runs on
     shuffle_order: bool = True
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -128,7 +139,7 @@ class JudgeConfig:
     def __post_init__(self):
         _one_of(self.type, "judge.type", ["reward_model", "llm"])
         _require(bool(self.model_name_or_path), "judge.model_name_or_path", "is required")
-        _one_of(self.backend, "judge.backend", ROLLOUT_BACKENDS)
+        _one_of(self.backend, "judge.backend", rollout_backends())
         _require(self.max_new_tokens >= 1, "judge.max_new_tokens", "must be >= 1")
         _require(self.batch_size >= 1, "judge.batch_size", "must be >= 1")
         _require(self.temperature >= 0, "judge.temperature", "must be >= 0 (0: greedy)")

@@ -63,17 +63,16 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
              reward_steps: int | None = None, num_learners: int = 2, seed: int = 0, backend: str = "auto") -> dict:
     """Run the whole embedded pipeline; returns (and writes) the summary."""
     from rayalign.actors.group import ensure_ray
-    from rayalign.demo.task import write_demo_data
+    from rayalign.demo.task import build_demo_model, write_demo_data
     from rayalign.drivers.evaluate import run_eval
     from rayalign.drivers.offline import train
     from rayalign.drivers.online import train_online
-    from rayalign.models.tiny import build_tiny_model
 
     t_start = time.time()
     out = Path(output_dir)
     model_dir = out / "tiny-model"
     if not (model_dir / "config.json").exists():
-        build_tiny_model(model_dir, seed=seed)
+        build_demo_model(model_dir, seed=seed)
     data = write_demo_data(out / "data", seed=seed)
     ensure_ray(None, max(os.cpu_count() or 1, num_learners + 2))
     timings = {}

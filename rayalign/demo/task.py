@@ -16,7 +16,8 @@ headroom for DPO and online DPO. `write_demo_data` writes (seeded, deterministic
     manifest.json                                            the files and their row counts
 
 Chosen completions are correct; rejected ones are plausible mistakes (the input copied
-unreversed, two neighbours swapped, a letter dropped or replaced).
+unreversed, two neighbours swapped, a letter dropped or replaced). `build_demo_model` builds
+the tiny model with a tokenizer trained on the task's text.
 """
 
 from __future__ import annotations
@@ -154,6 +155,13 @@ def corpus(seed: int = 0, n: int = 3000) -> list[str]:
         lines.append(f"{prompt_text(p)}\n{answer_text(p)}")
         lines.append(f"\n\nHuman: {prompt_text(p)}\n\nAssistant: {wrong_answer(p, rng)}")
     return lines
+
+
+def build_demo_model(output_dir, *, seed: int = 0) -> Path:
+    """The tiny model (rayalign/models/tiny.py) with its tokenizer trained on this task's text."""
+    from rayalign.models.tiny import build_tiny_model
+
+    return build_tiny_model(output_dir, corpus(seed), seed=seed)
 
 
 # ---------------------------------------------------------------------------- checking

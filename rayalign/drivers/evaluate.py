@@ -28,15 +28,17 @@ import ray
 
 from rayalign import storage
 from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
-from rayalign.actors.rollout import Rollout, actor_env, resolve_backend, sampling_from_config
+from rayalign.actors.rollout import Rollout, actor_env, as_completion, generate, sampling_from_config
 from rayalign.config import EvalConfig, to_dict, to_yaml
 from rayalign.data import DataError, _is_messages, prompt_text_and_ids, read_rows
-from rayalign.drivers.online import as_completion, generate
+from rayalign.engines import resolve_backend
 from rayalign.evaluation import (ModelSpec, balanced_swaps, expand_models, judge_swapped, mean_interval,
                                  outcome_score, plot_models, win_rate)
 from rayalign.drivers.common import local_cpus
 from rayalign.models.loading import check_model_dir, load_tokenizer
-from rayalign.scoring import build_judge, check_scorer_dir, load_function
+from rayalign.rewards.function import load_function
+from rayalign.rewards.judges import build_judge
+from rayalign.rewards.model import check_scorer_dir
 from rayalign.tracking import MetricsLogger
 
 logger = logging.getLogger("rayalign")

@@ -13,10 +13,8 @@ DPO step; the new weights (version v+1) are pushed to every rollout actor and ch
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import time
 from typing import Callable
@@ -28,15 +26,15 @@ from rayalign import weight_sync as weight_sync_lib
 from rayalign.actors.group import ActorGroup, GroupSpec
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
-from rayalign.actors.rollout import (Rollout, StaleRolloutError, WeightSyncError, actor_env, resolve_backend,
-                                     sampling_from_config)
+from rayalign.actors.rollout import Rollout, actor_env, as_completion, generate, sampling_from_config
 from rayalign.config import OnlineDPOConfig
 from rayalign.data import DataError, load_prompt_rows
 from rayalign.drivers import common, runner
-from rayalign.models import weights as weights_lib
+from rayalign.engines import resolve_backend
 from rayalign.models.loading import load_tokenizer
-from rayalign.scoring import (RewardSources, build_judge, check_judge_model, check_reward_sources, is_function_spec,
-                              judge_pairs, probe_reward_functions, source_labels)
+from rayalign.rewards import (RewardSources, check_reward_sources, probe_reward_functions, source_cpus,
+                              source_labels)
+from rayalign.rewards.judges import build_judge, check_judge_model, judge_pairs
 from rayalign.tracking import average_metrics
 
 logger = logging.getLogger("rayalign")
@@ -103,7 +101,7 @@ class OnlineDPOJob(runner.Job):
         total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
         super().__init__(cfg, total, per_epoch, cfg.prompts_per_step * 2)
         self.groups: list[ActorGroup] = []
-        self.scorer = self.judge = self.batches = None
+        self.scorer = self.judge = self.batches = self.sync = None
 
     def num_cpus(self) -> int:
         cfg = self.cfg
@@ -111,7 +109,7 @@ class OnlineDPOJob(runner.Job):
         need += cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
         if cfg.reference_mode == "actor":
             need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
-        need += sum(cfg.scoring.num_cpus_per_actor for s in cfg.reward_sources if not is_function_spec(s))
+        need += source_cpus(cfg.reward_sources, cfg.scoring)
         if cfg.judge is not None:
             need += cfg.judge.num_cpus
         return common.local_cpus(cfg.ray, need, spare=1)
@@ -154,8 +152,8 @@ class OnlineDPOJob(runner.Job):
 
     def begin(self, step: int) -> None:
         cfg = self.cfg
-        self.sync = WeightSync(cfg, self.learners, self.rollouts, info_vocab=_vocab_size(cfg),
-                               mode=self.rcfg.weight_sync)
+        self.sync = weight_sync_lib.build_channel(cfg, self.learners, self.rollouts, info_vocab=_vocab_size(cfg),
+                                                  mode=self.rcfg.weight_sync)
         self.sync.push(version=step)  # engines start from the learner's (restored) weights
         self.rng = random.Random(cfg.seed * 7919 + step)
         self.sampling = sampling_from_config(cfg, n=2)
@@ -256,6 +254,9 @@ class OnlineDPOJob(runner.Job):
         return {"backend": self.backend}
 
     def stop(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
         if self.batches is not None:  # an open Ray Data iterator outliving Ray would re-init it at exit
             self.batches.close()
             self.batches = None
@@ -290,141 +291,9 @@ def _vocab_size(cfg: OnlineDPOConfig) -> int:
     return len(load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code))
 
 
-def generate(rollouts: ActorGroup, prompt_ids: list[list[int]], sampling: dict, seed: int, version: int,
-             timeout: float) -> list[list[dict]]:
-    """Split prompts over the rollout actors; every part must carry weight `version`."""
-    parts = [list(p) for p in np.array_split(np.arange(len(prompt_ids)), len(rollouts)) if len(p)]
-    refs = [rollouts.actors[i].generate.remote([prompt_ids[j] for j in part], sampling, seed + 7919 * i)
-            for i, part in enumerate(parts)]
-    results = rollouts.get(refs, timeout)
-    return check_versions(results, version)
-
-
-def check_versions(results: list[dict], version: int) -> list[list[dict]]:
-    """Concatenate rollout results, rejecting any sampled with other weights than `version`."""
-    stale = [(r["rank"], r["version"]) for r in results if r["version"] != version]
-    if stale:
-        raise StaleRolloutError(f"rollout results from weight versions {stale} (actor rank, version); "
-                                f"the learner is at version {version}: a weight push was lost")
-    return [c for r in results for c in r["completions"]]
-
-
-def as_completion(text: str, conversational: bool):
-    """A completion as scorers expect it: an assistant message for a conversational prompt,
-    else the text (TRL's convention)."""
-    return [{"role": "assistant", "content": text}] if conversational else text
-
-
 def _as_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
 
 
-class WeightSync:
-    """Pushes the learner's weights to every rollout actor and checks what they loaded.
-
-    Each push appends one line to `<output_dir>/weight_sync.jsonl`: the version, the
-    checksum (fingerprint) the learner exported and the one each engine reports for what
-    it loaded, the probe log-prob gap, and the seconds taken — an audit trail of which
-    weights sampled every step."""
-
-    def __init__(self, cfg: OnlineDPOConfig, learners: ActorGroup, rollouts: ActorGroup, info_vocab: int,
-                 log_dir: str | None = None, mode: str = "object_store"):
-        self.cfg = cfg
-        self.learners = learners
-        self.rollouts = rollouts
-        self.version = -1
-        self.probe = weights_lib.probe_ids(info_vocab) if cfg.rollout.verify_weights else None
-        # None until the run owns its output dir: records wait in memory (log_to)
-        self.log_path = os.path.join(log_dir, "weight_sync.jsonl") if log_dir else None
-        self._pending: list[str] = []
-        self.mode = mode  # resolved rollout.weight_sync: object_store or nccl
-        if mode == "nccl":
-            self._open_group()
-
-    def push(self, version: int) -> dict[str, float]:
-        rcfg = self.cfg.rollout
-        t = time.time()
-        if self.mode == "nccl":
-            export, loaded, t_export = self._push_nccl(version)
-        else:
-            export = self.learners.call("export_weights", self.probe,
-                                        timeout=self.cfg.learner.collective_timeout_s)[0]
-            t_export = time.time() - t
-            refs = [a.update_weights.remote(export["state"][0], version, self.probe) for a in self.rollouts.actors]
-            try:
-                loaded = self.rollouts.get(refs, rcfg.weight_sync_timeout_s)
-            except TimeoutError as exc:
-                raise WeightSyncError(f"rollout: pushing weight version {version} to {len(refs)} actor(s) did not "
-                                      f"finish within rollout.weight_sync_timeout_s={rcfg.weight_sync_timeout_s}s"
-                                      ) from exc
-        seconds = time.time() - t
-        metrics = {"sync/weight_sync_s": seconds, "sync/export_s": t_export}
-        if rcfg.verify_weights:
-            metrics.update(self.verify(export, loaded, version))
-        self.version = version
-        self._pending.append(json.dumps({"version": version, "seconds": seconds, "export_s": t_export,
-                                         "learner": export["fingerprint"],
-                                         "rollouts": [x["fingerprint"] for x in loaded],
-                                         "probe_max_abs_diff": metrics.get("sync/probe_max_abs_diff")}))
-        self._flush()
-        return metrics
-
-    def log_to(self, log_dir: str) -> None:
-        """Start appending the audit trail to `<log_dir>/weight_sync.jsonl` (pushes so far too)."""
-        self.log_path = os.path.join(log_dir, "weight_sync.jsonl")
-        self._flush()
-
-    def _flush(self) -> None:
-        if self.log_path is None or not self._pending:
-            return
-        with open(self.log_path, "a") as f:
-            f.write("".join(line + "\n" for line in self._pending))
-        self._pending = []
-
-    # ---------------------------------------------- weight_sync=nccl (rayalign/weight_sync.py)
-
-    def _open_group(self) -> None:
-        """Once: learner rank 0 publishes host:port and becomes rank 0 of a broadcast group;
-        every engine's receiving processes follow in actor order (a vLLM engine's
-        tensor_parallel_size workers, one per HF actor)."""
-        timeout = self.cfg.rollout.weight_sync_timeout_s
-        backend = self.rollouts.call("ready", timeout=timeout)[0]["backend"]
-        kind = weight_sync_lib.group_kind(self.cfg, backend)
-        ranks = self.cfg.rollout.tensor_parallel_size if backend == "vllm" else 1
-        world = 1 + ranks * len(self.rollouts)
-        host, port = ray.get(self.learners.actors[0].node_address.remote(), timeout=timeout)
-        calls = [("learner 0", self.learners.actors[0].open_weight_sync.remote(host, port, world, kind, timeout))]
-        calls += [(f"rollout {i}", a.open_weight_sync.remote(host, port, world, 1 + i * ranks, kind, timeout))
-                  for i, a in enumerate(self.rollouts.actors)]
-        weight_sync_lib.wait_all(calls, timeout, f"opening the {kind} weight-sync group ({world} ranks)")
-
-    def _push_nccl(self, version: int) -> tuple[dict, list[dict], float]:
-        """Names, dtypes and shapes go through Ray first; then learner rank 0 broadcasts
-        while every engine receives, all waited on with rollout.weight_sync_timeout_s."""
-        t = time.time()
-        export = self.learners.call("prepare_weights", self.probe, timeout=self.cfg.learner.collective_timeout_s)[0]
-        t_export = time.time() - t
-        calls = [("learner 0", self.learners.actors[0].broadcast_weights.remote())]
-        calls += [(f"rollout {i}", a.receive_weights.remote(export["meta"], version, self.probe))
-                  for i, a in enumerate(self.rollouts.actors)]
-        results = weight_sync_lib.wait_all(calls, self.cfg.rollout.weight_sync_timeout_s,
-                                           f"pushing weight version {version}")
-        return export, results[1:], t_export
-
-    def verify(self, export: dict, loaded: list[dict], version: int) -> dict[str, float]:
-        for item in loaded:
-            if item["version"] != version:
-                raise WeightSyncError(f"rollout {item['rank']}: reports version {item['version']} after a push of "
-                                      f"version {version}")
-            if not weights_lib.fingerprints_match(item["fingerprint"], export["fingerprint"]):
-                raise WeightSyncError(f"rollout {item['rank']}: loaded weights differ from the learner's at version "
-                                      f"{version}: {item['fingerprint']} != {export['fingerprint']}")
-        # each engine's probe log-probs came back with its load (the same call, no extra round trip)
-        worst = max(max(abs(a - b) for a, b in zip(item["probe"], export["probe"])) for item in loaded)
-        if worst > self.cfg.rollout.probe_tolerance:
-            raise WeightSyncError(f"rollout engines compute log-probs up to {worst:.2e} away from the learner's "
-                                  f"after the push of version {version} (rollout.probe_tolerance="
-                                  f"{self.cfg.rollout.probe_tolerance}): the engine is not using the pushed weights")
-        return {"sync/probe_max_abs_diff": float(worst)}

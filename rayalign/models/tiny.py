@@ -1,5 +1,6 @@
 """The embedded tiny model: a Llama-architecture causal LM and a byte-level BPE tokenizer,
-built fully offline from a config and a locally trained tokenizer.
+built fully offline from a config and a tokenizer trained on a given corpus (the demo
+passes its task's text: `rayalign.demo.task.build_demo_model`).
 
 The result is an ordinary Hugging Face directory (`save_pretrained`): everything else in
 rayalign loads it with `from_pretrained(path)` like any hub model. head_dim is 32 because
@@ -9,6 +10,7 @@ vLLM's CPU attention rejects 16.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -24,13 +26,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(seed: int = 0, vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained on the demo task's text, with special tokens and
-    a chat template, wrapped as a transformers fast tokenizer."""
+def build_tokenizer(corpus: Sequence[str], vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on `corpus` (and the chat template's role tags),
+    with special tokens and a chat template, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from rayalign.demo.task import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -38,7 +38,7 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 320):
     specials = list(SPECIAL_TOKENS.values())
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = corpus(seed) + ["<|user|>\n", "<|assistant|>\n", "<|system|>\n"] * 50
+    text = list(corpus) + ["<|user|>\n", "<|assistant|>\n", "<|system|>\n"] * 50
     tok.train_from_iterator(text, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
@@ -46,15 +46,16 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 320):
     return fast
 
 
-def build_tiny_model(output_dir, *, seed: int = 0, vocab_size: int = 320, hidden_size: int = 64,
-                     num_layers: int = 2, num_heads: int = 2, intermediate_size: int = 256,
+def build_tiny_model(output_dir, corpus: Sequence[str], *, seed: int = 0, vocab_size: int = 320,
+                     hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, intermediate_size: int = 256,
                      max_position_embeddings: int = 256) -> Path:
-    """Build and save the tiny model + tokenizer + generation config into `output_dir`."""
+    """Build and save the tiny model + tokenizer (trained on `corpus`) + generation config
+    into `output_dir`; `seed` initialises the weights."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed, vocab_size)
+    tokenizer = build_tokenizer(corpus, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,

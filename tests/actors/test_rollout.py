@@ -12,10 +12,10 @@ import ray
 import torch
 
 from rayalign.actors.group import ActorGroup, GroupSpec
-from rayalign.actors.rollout import Rollout, StaleRolloutError, actor_env, vllm_model_dir
+from rayalign.actors.rollout import Rollout, StaleRolloutError, actor_env, check_versions, generate
 from rayalign.config import RolloutConfig
 from rayalign.data import load_prompts, prompt_text_and_ids
-from rayalign.drivers.online import check_versions, generate
+from rayalign.engines.vllm import vllm_model_dir
 from rayalign.models import weights as weights_lib
 from rayalign.models.loading import load_causal_lm, load_tokenizer
 
@@ -80,10 +80,10 @@ def test_completions_carry_token_ids_text_and_eos(group, prompts, sft_model_dir)
     texts, ids = prompts
     tok = load_tokenizer(sft_model_dir)
     result = ray.get(group.actors[0].generate.remote(ids[:6], SAMPLED, 1), timeout=300)
-    assert result["version"] == 0 and result["prompt_ids"] == ids[:6]
-    assert len(result["completions"]) == 6
+    assert result.version == 0 and result.prompt_ids == ids[:6]
+    assert len(result.completions) == 6
     eos = tok.eos_token_id
-    for pair in result["completions"]:
+    for pair in result.completions:
         assert len(pair) == 2
         for c in pair:
             toks = c["token_ids"]
@@ -92,27 +92,27 @@ def test_completions_carry_token_ids_text_and_eos(group, prompts, sft_model_dir)
             assert c["eos"] == (toks[-1] == eos)
             assert c["text"] == tok.decode(toks, skip_special_tokens=True)
     # the SFT model answers and stops: most completions end with eos
-    flags = [c["eos"] for pair in result["completions"] for c in pair]
+    flags = [c["eos"] for pair in result.completions for c in pair]
     assert sum(flags) >= len(flags) // 2
 
 
 @pytest.mark.vllm
 def test_greedy_completions_agree_across_backends(hf_group, vllm_group, prompts):
     _, ids = prompts
-    hf = ray.get(hf_group.actors[0].generate.remote(ids, GREEDY, 0), timeout=300)["completions"]
-    vl = ray.get(vllm_group.actors[0].generate.remote(ids, GREEDY, 0), timeout=300)["completions"]
+    hf = ray.get(hf_group.actors[0].generate.remote(ids, GREEDY, 0), timeout=300).completions
+    vl = ray.get(vllm_group.actors[0].generate.remote(ids, GREEDY, 0), timeout=300).completions
     same = sum(a[0]["token_ids"] == b[0]["token_ids"] for a, b in zip(hf, vl))
     assert same >= len(ids) - 1, [(a[0]["text"], b[0]["text"]) for a, b in zip(hf, vl)]
 
 
 def test_top_k_one_is_greedy_and_max_new_tokens_caps(group, prompts):
     _, ids = prompts
-    greedy = ray.get(group.actors[0].generate.remote(ids[:8], GREEDY, 0), timeout=300)["completions"]
+    greedy = ray.get(group.actors[0].generate.remote(ids[:8], GREEDY, 0), timeout=300).completions
     top1 = ray.get(group.actors[0].generate.remote(ids[:8], {**SAMPLED, "top_k": 1, "n": 1}, 5),
-                   timeout=300)["completions"]
+                   timeout=300).completions
     assert [c[0]["token_ids"] for c in greedy] == [c[0]["token_ids"] for c in top1]
     short = ray.get(group.actors[0].generate.remote(ids[:8], {**GREEDY, "max_new_tokens": 2}, 0),
-                    timeout=300)["completions"]
+                    timeout=300).completions
     assert all(len(c[0]["token_ids"]) <= 2 for c in short)
     assert any(not c[0]["eos"] for c in short)  # cut before the answer ended
 
@@ -123,8 +123,8 @@ def test_conversational_prompts_go_through_the_chat_template(group, sft_model_di
     templated = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     by_messages = ray.get(group.actors[0].generate.remote([messages], GREEDY, 0), timeout=300)
     by_ids = ray.get(group.actors[0].generate.remote([list(templated)], GREEDY, 0), timeout=300)
-    assert by_messages["prompt_ids"][0] == list(templated)
-    assert by_messages["completions"] == by_ids["completions"]
+    assert by_messages.prompt_ids[0] == list(templated)
+    assert by_messages.completions == by_ids.completions
 
 
 def test_weight_push_is_versioned_and_the_engine_uses_the_new_weights(group, prompts, sft_model_dir):
@@ -134,9 +134,9 @@ def test_weight_push_is_versioned_and_the_engine_uses_the_new_weights(group, pro
     model, state = perturbed_state(sft_model_dir, seed=11)
     loaded = ray.get(group.actors[0].update_weights.remote(state, 7), timeout=300)
     try:
-        assert loaded["version"] == 7
+        assert loaded.version == 7
         # checksum of what the engine loaded (HF: read back from its parameters) = what was sent
-        assert weights_lib.fingerprints_match(loaded["fingerprint"], weights_lib.fingerprint(state.values()))
+        assert weights_lib.fingerprints_match(loaded.fingerprint, weights_lib.fingerprint(state.values()))
         assert weights_lib.fingerprints_match(ray.get(group.actors[0].fingerprint.remote()),
                                               weights_lib.fingerprint(state.values()))
         # ...and the engine computes with them: its log-probs equal the perturbed HF model's
@@ -146,13 +146,13 @@ def test_weight_push_is_versioned_and_the_engine_uses_the_new_weights(group, pro
         assert max(abs(a - b) for a, b in zip(after, expected)) < 1e-4
         assert max(abs(a - b) for a, b in zip(before, expected)) > 1e-2
         result = ray.get(group.actors[0].generate.remote(ids[:2], GREEDY, 0), timeout=300)
-        assert result["version"] == 7
+        assert result.version == 7
         # a driver at version 8 (one push later) must not accept these samples
         with pytest.raises(StaleRolloutError, match="version"):
             check_versions([result], 8)
         with pytest.raises(StaleRolloutError):
             generate(group, ids[:2], GREEDY, seed=0, version=8, timeout=300)
-        assert generate(group, ids[:2], GREEDY, seed=0, version=7, timeout=300) == result["completions"]
+        assert generate(group, ids[:2], GREEDY, seed=0, version=7, timeout=300) == result.completions
     finally:  # back to the SFT weights (version 0) for the other tests of the module
         original = weights_lib.export_state_dict(load_causal_lm(sft_model_dir))
         original.pop("lm_head.weight", None)
@@ -179,7 +179,7 @@ def test_several_actors_split_a_batch_in_order(ray_local, sft_model_dir, hf_grou
         assert split == whole
         # both actors did work (each result names its rank)
         parts = ray.get([a.generate.remote(ids[:1], GREEDY, 0) for a in pair.actors])
-        assert sorted(p["rank"] for p in parts) == [0, 1]
+        assert sorted(p.rank for p in parts) == [0, 1]
     finally:
         pair.shutdown()
 

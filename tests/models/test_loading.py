@@ -82,7 +82,8 @@ def truncated_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_reward_model_and_judge_dirs_are_checked_with_their_own_tokenizer(tiny_model_dir, truncated_dir, tmp_path):
     from rayalign.config import JudgeConfig
-    from rayalign.scoring import check_judge_model, check_reward_sources
+    from rayalign.rewards import check_reward_sources
+    from rayalign.rewards.judges import check_judge_model
 
     check_reward_sources(["rayalign.demo.task:demo_reward", tiny_model_dir])
     with pytest.raises(ModelLoadError, match=r"reward_funcs\[1\]: .*truncated-rm/model.safetensors is truncated"):

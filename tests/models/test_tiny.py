@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rayalign.models.tiny import build_tiny_model
+from rayalign.demo.task import build_demo_model
 
 
 def test_reloads_with_all_auto_classes(tiny_model_dir):
@@ -24,7 +24,7 @@ def test_reloads_with_all_auto_classes(tiny_model_dir):
 
 
 def test_deterministic(tmp_path, tiny_model_dir):
-    again = build_tiny_model(tmp_path / "again", seed=0)
+    again = build_demo_model(tmp_path / "again", seed=0)
     a = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     b = AutoModelForCausalLM.from_pretrained(again).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

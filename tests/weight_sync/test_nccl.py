@@ -3,8 +3,9 @@
 On CPU: config validation and `auto`, the metadata / bucket packing both ends derive from
 (checked against vLLM's own packing), and the same broadcast protocol over a gloo group
 between real Ray actors (a DeepSpeed PolicyLearner and HF Rollout actors, driven by the
-driver's `WeightSync`). The vLLM NCCL push itself is the `gpu` test at the end (needs two
-GPUs: NCCL refuses two ranks on one device); it skips cleanly without them.
+channel `weight_sync.build_channel` gives the driver). The vLLM NCCL push itself is the
+`gpu` test at the end (needs two GPUs: NCCL refuses two ranks on one device); it skips
+cleanly without them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pytest
 import torch
 
 from rayalign import weight_sync
-from rayalign.actors.rollout import WeightSyncError
 from rayalign.config import ConfigError, OnlineDPOConfig, from_dict
+from rayalign.engines import vllm as vllm_engine
 from rayalign.models import weights as weights_lib
+from rayalign.weight_sync import WeightSyncError, nccl
 
 
 def online(**over) -> dict:
@@ -71,8 +73,8 @@ def test_auto_resolves_to_nccl_only_for_whole_gpus_and_vllm(learner_gpus, rollou
     assert weight_sync.resolve_weight_sync(cfg, backend) == expected
     assert weight_sync.resolved_rollout_config(cfg, backend).weight_sync == expected
     assert weight_sync.resolved_rollout_config(cfg, backend).num_gpus_per_actor == rollout_gpus
-    assert weight_sync.group_kind(cfg, backend) == ("vllm" if backend == "vllm" else
-                                                     "nccl" if learner_gpus else "gloo")
+    assert nccl.group_kind(cfg, backend) == ("vllm" if backend == "vllm" else
+                                              "nccl" if learner_gpus else "gloo")
 
 
 def test_auto_needs_a_gpu_per_vllm_worker():
@@ -84,9 +86,9 @@ def test_auto_needs_a_gpu_per_vllm_worker():
 
 def test_vllm_engine_gets_a_weight_transfer_engine_only_for_nccl():
     cfg = from_dict(OnlineDPOConfig, online(rollout=GPU_ROLLOUT, learner=GPU_LEARNER))
-    assert weight_sync.vllm_engine_kwargs(from_dict(OnlineDPOConfig, online()).rollout) == {}
+    assert vllm_engine.vllm_engine_kwargs(from_dict(OnlineDPOConfig, online()).rollout) == {}
     pytest.importorskip("vllm")
-    kwargs = weight_sync.vllm_engine_kwargs(cfg.rollout)
+    kwargs = vllm_engine.vllm_engine_kwargs(cfg.rollout)
     assert kwargs["weight_transfer_config"].backend == "nccl"
 
 
@@ -109,27 +111,27 @@ def sample_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_metadata_and_packing_round_trip_names_dtypes_shapes_and_bytes():
     state = sample_state()
-    meta = weight_sync.describe(state)
+    meta = nccl.describe(state)
     assert [m["name"] for m in meta] == list(state)
-    assert [weight_sync.dtype_of(m["dtype"]) for m in meta] == [t.dtype for t in state.values()]
+    assert [nccl.dtype_of(m["dtype"]) for m in meta] == [t.dtype for t in state.values()]
     assert [tuple(m["shape"]) for m in meta] == [tuple(t.shape) for t in state.values()]
-    assert [weight_sync.nbytes(m) for m in meta] == [t.numel() * t.element_size() for t in state.values()]
+    assert [nccl.nbytes(m) for m in meta] == [t.numel() * t.element_size() for t in state.values()]
     for bucket_bytes in (1, 64, 300, 1 << 20):
         received = {}
-        for bucket in weight_sync.plan_buckets(meta, bucket_bytes):
+        for bucket in nccl.plan_buckets(meta, bucket_bytes):
             part = [meta[i] for i in bucket]
-            buffer = weight_sync.pack([state[m["name"]] for m in part])
-            assert buffer.dtype == torch.uint8 and buffer.numel() == sum(weight_sync.nbytes(m) for m in part)
-            for m, t in zip(part, weight_sync.unpack(buffer.clone(), part)):
+            buffer = nccl.pack([state[m["name"]] for m in part])
+            assert buffer.dtype == torch.uint8 and buffer.numel() == sum(nccl.nbytes(m) for m in part)
+            for m, t in zip(part, nccl.unpack(buffer.clone(), part)):
                 received[m["name"]] = t
         assert list(received) == list(state)
         for name, t in state.items():
             assert received[name].dtype == t.dtype and received[name].shape == t.shape
             assert torch.equal(received[name], t), name
     with pytest.raises(WeightSyncError, match="does not hold"):
-        weight_sync.unpack(torch.zeros(3, dtype=torch.uint8), meta[:1])
+        nccl.unpack(torch.zeros(3, dtype=torch.uint8), meta[:1])
     with pytest.raises(WeightSyncError, match="unknown dtype"):
-        weight_sync.dtype_of("Tensor")
+        nccl.dtype_of("Tensor")
 
 
 @pytest.mark.filterwarnings("ignore:Tensor .* exceeds buffer_size_bytes")
@@ -142,16 +144,16 @@ def test_bucket_plan_is_vllms_packing_rule():
     g = torch.Generator().manual_seed(1)
     sizes = torch.randint(0, 400, (60,), generator=g).tolist() + [5000, 1, 2]
     state = {f"t{i}": torch.zeros(n, dtype=torch.float16 if i % 3 else torch.float32) for i, n in enumerate(sizes)}
-    meta = weight_sync.describe(state)
+    meta = nccl.describe(state)
     for bucket_bytes in (1, 100, 1000, 4096, 1 << 30):
         it = iter(state.items())
         vllm_buckets = []
         while (chunk := pack_tensors(it, lambda item: item[1], bucket_bytes)) is not None:
             vllm_buckets.append(chunk.names)
-        ours = [[meta[i]["name"] for i in b] for b in weight_sync.plan_buckets(meta, bucket_bytes)]
+        ours = [[meta[i]["name"] for i in b] for b in nccl.plan_buckets(meta, bucket_bytes)]
         assert ours == vllm_buckets, bucket_bytes
-        assert all(sum(weight_sync.nbytes(meta[i]) for i in b) > bucket_bytes
-                   for b in weight_sync.plan_buckets(meta, bucket_bytes)[:-1])
+        assert all(sum(nccl.nbytes(meta[i]) for i in b) > bucket_bytes
+                   for b in nccl.plan_buckets(meta, bucket_bytes)[:-1])
 
 
 def test_vllm_parses_the_init_and_update_info():
@@ -159,24 +161,24 @@ def test_vllm_parses_the_init_and_update_info():
     from vllm.distributed.weight_transfer.nccl_engine import (NCCLWeightTransferInitInfo,
                                                               NCCLWeightTransferUpdateInfo)
 
-    meta = weight_sync.describe(sample_state())
-    info = NCCLWeightTransferUpdateInfo(**weight_sync.vllm_update_info(meta))
+    meta = nccl.describe(sample_state())
+    info = NCCLWeightTransferUpdateInfo(**vllm_engine.vllm_update_info(meta))
     # vLLM's receiver rebuilds each dtype with getattr(torch, name)
-    assert [getattr(torch, d) for d in info.dtype_names] == [weight_sync.dtype_of(m["dtype"]) for m in meta]
+    assert [getattr(torch, d) for d in info.dtype_names] == [nccl.dtype_of(m["dtype"]) for m in meta]
     assert info.names == [m["name"] for m in meta] and info.shapes == [m["shape"] for m in meta]
-    init = NCCLWeightTransferInitInfo(**weight_sync.vllm_init_info("10.0.0.1", 29500, world_size=5, rank_offset=3))
+    init = NCCLWeightTransferInitInfo(**vllm_engine.vllm_init_info("10.0.0.1", 29500, world_size=5, rank_offset=3))
     assert (init.master_address, init.master_port, init.world_size, init.rank_offset) == ("10.0.0.1", 29500, 5, 3)
-    assert init.packed and init.packed_buffer_size_bytes == weight_sync.BUCKET_BYTES
-    assert init.packed_num_buffers == weight_sync.NUM_BUFFERS
+    assert init.packed and init.packed_buffer_size_bytes == nccl.BUCKET_BYTES
+    assert init.packed_num_buffers == vllm_engine.NUM_BUFFERS
 
 
 def test_streaming_fingerprint_is_the_fingerprint(monkeypatch):
     state = {k: v for k, v in sample_state().items() if v.is_floating_point()}
     expected = weights_lib.fingerprint(state.values())
     monkeypatch.setattr(weights_lib.Fingerprint, "CHUNK", 7)  # several passes per tensor
-    assert weights_lib.fingerprints_match(weight_sync.sent_fingerprint(state), expected)
+    assert weights_lib.fingerprints_match(nccl.sent_fingerprint(state), expected)
     changed = dict(state, **{"model.norm.weight": state["model.norm.weight"] + 1e-3})
-    assert not weights_lib.fingerprints_match(weight_sync.sent_fingerprint(changed), expected)
+    assert not weights_lib.fingerprints_match(nccl.sent_fingerprint(changed), expected)
 
 
 # ----------------------------------------------------------------------------- the protocol over gloo
@@ -227,14 +229,14 @@ def start_actors(cfg: OnlineDPOConfig, backend: str):
 
 
 def push_and_check(sync, learners, version: int, probe_before: list[float] | None):
-    """One push; WeightSync.verify has compared fingerprints and probes. Returns the probe."""
+    """One push; WeightChannel.verify has compared fingerprints and probes. Returns the probe."""
     import ray
 
     tolerance = sync.cfg.rollout.probe_tolerance
     metrics = sync.push(version)
     assert metrics["sync/probe_max_abs_diff"] <= tolerance
     assert sync.rollouts.call("get_version") == [version] * len(sync.rollouts)
-    probe = ray.get(learners.actors[0].export_weights.remote(sync.probe))["probe"]
+    probe = ray.get(learners.actors[0].export_weights.remote(sync.probe)).probe
     for engine in sync.rollouts.call("probe", sync.probe):
         assert max(abs(a - b) for a, b in zip(engine, probe)) <= tolerance
     if probe_before is not None:  # the push carried new weights, not the old ones again
@@ -254,7 +256,7 @@ def gloo_cfg(tiny_model_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_broadcast_push_over_gloo_reaches_every_engine(ray_local, gloo_cfg, tmp_path, lora):
-    """The nccl code path end to end with the group on gloo: WeightSync opens the group
+    """The nccl code path end to end with the group on gloo: the nccl channel opens the group
     (learner rank 0 + 2 HF engines), sends metadata through Ray, broadcasts, and verifies
     fingerprints and probes; a LoRA learner's merged weights arrive and it stays unmerged."""
     import dataclasses
@@ -262,13 +264,11 @@ def test_broadcast_push_over_gloo_reaches_every_engine(ray_local, gloo_cfg, tmp_
     import ray
 
     from rayalign.config import LoraConfig
-    from rayalign.drivers.online import WeightSync
-
     cfg = dataclasses.replace(gloo_cfg, lora=LoraConfig(enabled=True)) if lora else gloo_cfg
     learners, rollouts = start_actors(cfg, "hf")
     try:
-        sync = WeightSync(cfg, learners, rollouts, info_vocab=len(_tokenizer(cfg.model_name_or_path)),
-                          log_dir=str(tmp_path), mode="nccl")
+        sync = weight_sync.build_channel(cfg, learners, rollouts, info_vocab=len(_tokenizer(cfg.model_name_or_path)),
+                                         mode="nccl", log_dir=str(tmp_path))
         probe0 = push_and_check(sync, learners, 0, None)
         before = ray.get(learners.actors[0].__ray_call__.remote(_base_weight))
         ray.get(learners.actors[0].__ray_call__.remote(_perturb))
@@ -290,20 +290,18 @@ def test_a_stuck_broadcast_fails_naming_the_actor(ray_local, gloo_cfg, tmp_path)
 
     import ray
 
-    from rayalign.drivers.online import WeightSync
-
     cfg = dataclasses.replace(gloo_cfg, rollout=dataclasses.replace(gloo_cfg.rollout, num_actors=1,
                                                                      weight_sync_timeout_s=4))
     learners, rollouts = start_actors(cfg, "hf")
     try:
-        WeightSync(cfg, learners, rollouts, info_vocab=len(_tokenizer(cfg.model_name_or_path)),
-                   log_dir=str(tmp_path), mode="nccl")
-        meta = ray.get(learners.actors[0].prepare_weights.remote(None))["meta"]
+        weight_sync.build_channel(cfg, learners, rollouts, info_vocab=len(_tokenizer(cfg.model_name_or_path)),
+                                  mode="nccl", log_dir=str(tmp_path))
+        meta = ray.get(learners.actors[0].prepare_weights.remote(None)).meta
         ref = rollouts.actors[0].receive_weights.remote(meta, 7)  # the learner never broadcasts
         with pytest.raises(WeightSyncError, match=r"no answer from rollout 0 within rollout.weight_sync_timeout_s=1"):
-            weight_sync.wait_all([("rollout 0", ref)], 1, "pushing weight version 7")
+            nccl.wait_all([("rollout 0", ref)], 1, "pushing weight version 7")
         with pytest.raises(WeightSyncError, match=r"rollout 0 failed: .*[Tt]imed out"):
-            weight_sync.wait_all([("rollout 0", ref)], 30, "pushing weight version 7")
+            nccl.wait_all([("rollout 0", ref)], 30, "pushing weight version 7")
         assert rollouts.call("get_version") == [0]  # the failed push was not adopted
     finally:
         learners.shutdown()
@@ -311,11 +309,11 @@ def test_a_stuck_broadcast_fails_naming_the_actor(ray_local, gloo_cfg, tmp_path)
 
 
 def _tap(rollout):
-    return rollout.engine.llm.collective_rpc(weight_sync._vllm_tap)
+    return rollout.engine.llm.collective_rpc(vllm_engine._tap)
 
 
 def _tapped(rollout):
-    return rollout.engine.llm.collective_rpc(weight_sync._vllm_tapped)
+    return rollout.engine.llm.collective_rpc(vllm_engine._tapped)
 
 
 @pytest.mark.slow
@@ -344,7 +342,7 @@ def test_vllm_tap_fingerprints_what_the_model_loader_receives(ray_local, tiny_mo
         ray.get(actor.__ray_call__.remote(_tap), timeout=300)
         rollouts.call("update_weights", state, 1, timeout=120)
         (received,) = ray.get(actor.__ray_call__.remote(_tapped), timeout=120)
-        assert weights_lib.fingerprints_match(received, weight_sync.sent_fingerprint(state))
+        assert weights_lib.fingerprints_match(received, nccl.sent_fingerprint(state))
         engine = rollouts.call("probe", probe)[0]
         assert max(abs(a - b) for a, b in zip(engine, weights_lib.probe_logprobs(model, probe))) < 1e-4
         ray.get(actor.__ray_call__.remote(_tap))  # a second update: the tap counts it afresh
@@ -385,8 +383,6 @@ def test_nccl_push_into_vllm_gives_the_learners_probe(ray_gpus, tiny_model_dir, 
     the learner's, and the received tensors' fingerprint is the sent one."""
     import ray
 
-    from rayalign.drivers.online import WeightSync
-
     cfg = from_dict(OnlineDPOConfig, online(
         model_name_or_path=tiny_model_dir, max_length=64, per_device_train_batch_size=2,
         learner={"num_actors": 1, "num_cpus_per_actor": 1, "num_gpus_per_actor": 1},
@@ -397,8 +393,8 @@ def test_nccl_push_into_vllm_gives_the_learners_probe(ray_gpus, tiny_model_dir, 
     assert rcfg.weight_sync == "nccl"  # auto, on whole GPUs with vLLM
     learners, rollouts = start_actors(cfg, "vllm")
     try:
-        sync = WeightSync(cfg, learners, rollouts, info_vocab=len(_tokenizer(cfg.model_name_or_path)),
-                          log_dir=str(tmp_path), mode=rcfg.weight_sync)
+        sync = weight_sync.build_channel(cfg, learners, rollouts, info_vocab=len(_tokenizer(cfg.model_name_or_path)),
+                                         mode=rcfg.weight_sync, log_dir=str(tmp_path))
         probe0 = push_and_check(sync, learners, 0, None)
         ray.get(learners.actors[0].__ray_call__.remote(_perturb))
         push_and_check(sync, learners, 1, probe0)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rayalign.config import ConfigError, JudgeConfig, ScoringConfig
-from rayalign.scoring import (RewardSources, build_judge, check_reward_sources, judge_pairs, parse_judgment)
+from rayalign.rewards import RewardSources, check_reward_sources
+from rayalign.rewards.judges import build_judge, judge_pairs, parse_judgment
 
 
 @pytest.mark.parametrize("text, expected", [

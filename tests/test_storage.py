@@ -1,7 +1,7 @@
 """Remote storage paths (checkpoints, the reference cache, log mirroring) on a filesystem that
 is not the local one: an in-memory fsspec store served through pyarrow as `mem://` URIs (an
 object store cannot exist on this machine; everything else is real). `file://` URIs run end
-to end in tests/test_dpo_integration.py."""
+to end in tests/drivers/test_offline.py."""
 
 from __future__ import annotations
 

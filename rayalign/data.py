@@ -405,13 +405,22 @@ def load_preference_dataset(path: str, tokenizer_path: str, settings: TokenizeSe
     return _load(path, tokenizer_path, settings, "preference", drop_bad_rows)
 
 
+BAD_PROMPT = "expected a non-empty string or a list of messages"
+
+
+def row_prompt(row) -> str | list | None:
+    """A prompt-only row's `prompt` (a non-empty string or a message list), else None: the
+    one rule online DPO's and eval's prompt files are checked by."""
+    prompt = row.get("prompt") if isinstance(row, dict) else None
+    return prompt if (isinstance(prompt, str) and prompt.strip()) or _is_messages(prompt) else None
+
+
 def load_prompts(path: str, field: str = "prompts") -> list:
     """Prompt-only rows (`prompt`: string or messages) as a list, checked."""
     prompts = []
     for i, row in enumerate(read_rows(path, field)):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not (isinstance(prompt, str) and prompt.strip()) and not _is_messages(prompt):
-            raise _bad(path, i, "prompt", "expected a non-empty string or a list of messages")
+        if (prompt := row_prompt(row)) is None:
+            raise _bad(path, i, "prompt", BAD_PROMPT)
         prompts.append(prompt)
     return prompts
 
@@ -423,12 +432,11 @@ def load_prompt_rows(path: str, tokenizer, field: str = "train_dataset",
     lists). Bad rows raise naming file/row/field, or are dropped and counted."""
     rows, dropped = [], 0
     for i, row in enumerate(read_rows(path, field)):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not (isinstance(prompt, str) and prompt.strip()) and not _is_messages(prompt):
+        if (prompt := row_prompt(row)) is None:
             if drop_bad_rows:
                 dropped += 1
                 continue
-            raise _bad(f"{field}: {path}", i, "prompt", "expected a non-empty string or a list of messages")
+            raise _bad(f"{field}: {path}", i, "prompt", BAD_PROMPT)
         rows.append({**row, "prompt_ids": prompt_text_and_ids(prompt, tokenizer)[1]})
     if not rows:
         raise DataError(f"{field}: {path} has no usable prompt rows ({dropped} dropped)")

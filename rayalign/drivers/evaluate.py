@@ -30,7 +30,7 @@ from rayalign import storage
 from rayalign.actors.group import ActorGroup, GroupSpec, ensure_ray
 from rayalign.actors.rollout import Rollout, actor_env, as_completion, generate, sampling_from_config
 from rayalign.config import EvalConfig, to_dict, to_yaml
-from rayalign.data import DataError, _is_messages, prompt_text_and_ids, read_rows
+from rayalign.data import BAD_PROMPT, DataError, _is_messages, prompt_text_and_ids, read_rows, row_prompt
 from rayalign.engines import resolve_backend
 from rayalign.evaluation import (ModelSpec, balanced_swaps, expand_models, judge_swapped, mean_interval,
                                  outcome_score, plot_models, win_rate)
@@ -143,10 +143,8 @@ def load_eval_rows(cfg: EvalConfig) -> list[dict]:
     if not rows:
         raise DataError(f"eval_dataset: {cfg.eval_dataset} has no rows")
     for i, row in enumerate(rows):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not (isinstance(prompt, str) and prompt.strip()) and not _is_messages(prompt):
-            raise DataError(f"eval_dataset: {cfg.eval_dataset} row {i}, field 'prompt': expected a non-empty "
-                            "string or a list of messages")
+        if row_prompt(row) is None:
+            raise DataError(f"eval_dataset: {cfg.eval_dataset} row {i}, field 'prompt': {BAD_PROMPT}")
         if cfg.baseline == "reference" and _reference(row) is None:
             raise DataError(f"eval_dataset: {cfg.eval_dataset} row {i}: baseline=reference needs a "
                             f"{' or '.join(map(repr, REFERENCE_COLUMNS))} column")

@@ -12,6 +12,7 @@ import torch
 
 from rayalign.engines.base import RolloutEngine, cut_at_eos
 from rayalign.models import weights as weights_lib
+from rayalign.models.generate import left_padded
 from rayalign.models.loading import load_causal_lm
 from rayalign.weight_sync.base import WeightSyncError
 from rayalign.weight_sync.nccl import TorchGroup, nbytes, plan_buckets, unpack
@@ -56,12 +57,8 @@ class HFEngine(RolloutEngine):
         step = max(1, self.rcfg.hf_batch_size // n)
         for start in range(0, len(ids), step):
             chunk = ids[start:start + step]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[i, width - len(p):] = 1
+            input_ids, mask = left_padded(chunk, pad)
+            width = input_ids.shape[1]
             gen = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
             rows = gen[:, width:].cpu().tolist()
             for i in range(len(chunk)):

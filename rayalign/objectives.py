@@ -20,8 +20,11 @@ from rayalign.config import DPOConfig, OnlineDPOConfig, RewardConfig, SFTConfig,
 from rayalign.models.logprobs import preference_logprobs, sft_logprobs
 
 
-def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig,
-                  reference: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+# Returns the reference log-probs (chosen, rejected) of a batch once they are needed.
+ReferenceFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig, reference: ReferenceFn | None = None,
                   ) -> tuple[torch.Tensor, dict]:
     """DPO loss and TRL-named metrics; reference log-probs must already be on `batch`
     (precomputed columns, or the implicit adapter-off pass) unless the run is reference-free,
@@ -62,7 +65,7 @@ def reference_logprobs(model, batch: PreferenceBatch, cfg: DPOConfig) -> tuple[t
 
 def online_dpo_objective(model, batch: PreferenceBatch, cfg, beta: float,
                          scores: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         reference: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                         reference: ReferenceFn | None = None,
                          ) -> tuple[torch.Tensor, dict]:
     """Online DPO on sampled pairs with TRL 1.16 OnlineDPOTrainer's metric names.
 
@@ -130,8 +133,6 @@ def reward_objective(model, batch: PreferenceBatch, cfg: RewardConfig) -> tuple[
 
 
 # ----------------------------------------------------------------------------- objectives
-
-ReferenceFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Objective:

@@ -11,9 +11,8 @@ from typing import Callable
 import numpy as np
 
 from rayalign import data as data_lib
-from rayalign import refcache, storage
+from rayalign import objectives, refcache, storage
 from rayalign.actors.group import ActorGroup
-from rayalign.batch import PreferenceBatch, SequenceBatch
 from rayalign.config import DPOConfig, TrainConfig
 from rayalign.models.loading import load_tokenizer
 
@@ -122,10 +121,9 @@ class PreparedData:
                 self.eval_rows = self._scored_rows(cfg, self.eval_table, self.eval_path)
             else:
                 self.eval_rows = self.eval_table.to_pylist()
-            batch_cls = SequenceBatch if self.kind == "sft" else PreferenceBatch
+            objective = objectives.for_config(cfg)  # eval batches collate as the learners' do
             size = cfg.per_device_eval_batch_size
-            eval_batches = [batch_cls.from_rows(self.eval_rows[i:i + size], self.pad_token_id,
-                                                max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+            eval_batches = [objective.collate(self.eval_rows[i:i + size], self.pad_token_id)[0]
                             for i in range(0, len(self.eval_rows), size)]
         if self.kind == "dpo" and cfg.reference_mode == "precompute":
             self._cache_dir = refcache.cache_dir(cfg, self.train_path)

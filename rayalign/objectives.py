@@ -112,7 +112,7 @@ def online_dpo_objective(model, batch: PreferenceBatch, cfg, beta: float,
 
 def sft_objective(model, batch: SequenceBatch, cfg) -> tuple[torch.Tensor, dict]:
     """Mean NLL over completion tokens (TRL SFTTrainer's completion-only loss)."""
-    out = sft_logprobs(model, batch)
+    out = sft_logprobs(model, batch, padding_free=cfg.padding_free)
     mask = batch.completion_mask.to(out.per_token_logps.device)  # per-token logps are unshifted
     loss = losses.sft_loss(out.per_token_logps, mask)
     num_tokens = mask.sum()

@@ -77,8 +77,8 @@ class Reference:
 class ReferenceLogpsStage:
     """Ray Data `map_batches` UDF: tokenized rows in, rows plus reference log-probs out."""
 
-    def __init__(self, cfg: DPOConfig, cache_dir: str | None = None):
-        torch.set_num_threads(max(1, int(cfg.reference.num_cpus_per_actor)))
+    def __init__(self, cfg: DPOConfig, cache_dir: str | None = None, threads: int | None = None):
+        torch.set_num_threads(threads or max(1, int(cfg.reference.num_cpus_per_actor)))
         self.cfg = cfg
         self.model = load_reference_model(cfg)
         self.pad_id = load_tokenizer(cfg.tokenizer_path).pad_token_id

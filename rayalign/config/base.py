@@ -97,6 +97,12 @@ class ReferenceConfig:
     num_gpus_per_actor: float = 0.0
     batch_size: int = 16  # rows per reference forward
     cache_dir: str | None = None  # precompute cache; default <output_dir>/../.ref_cache
+    # precompute on a cache miss: "stream" scores blocks while the learners train on scored
+    # ones (pays when the reference has devices of its own); "before_training" scores the
+    # whole set first with every core of the node, then trains (TRL's order; faster where the
+    # two would share the same CPUs); "auto": stream when the reference has GPUs or the
+    # cluster has several nodes, else before_training.
+    precompute_schedule: Literal["auto", "stream", "before_training"] = "auto"
 
     def __post_init__(self):
         _expand_paths(self, ("model_name_or_path", "cache_dir"))
@@ -105,6 +111,7 @@ class ReferenceConfig:
         _require(self.num_cpus_per_actor >= 0, "reference.num_cpus_per_actor", "must be >= 0")
         _require(self.num_gpus_per_actor >= 0, "reference.num_gpus_per_actor", "must be >= 0")
         _require(self.batch_size >= 1, "reference.batch_size", "must be >= 1")
+        _one_of(self.precompute_schedule, "reference.precompute_schedule", ("auto", "stream", "before_training"))
 
 
 @dataclass(frozen=True)

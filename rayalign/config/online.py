@@ -39,7 +39,6 @@ class OnlineDPOConfig(TrainConfig, SamplingConfig):
     # 1 below the step's lowest finite score (a reward-model judge: it loses its pair).
     nonfinite_scores: Literal["error", "penalize"] = "error"
     judge: JudgeConfig | None = None
-    padding_free: bool = False
     log_completions: bool = True  # a table of prompts, both completions and scores
     log_completions_steps: int | None = None  # default: logging_steps
     num_completions_to_log: int = 4

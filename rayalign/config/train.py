@@ -58,6 +58,11 @@ class TrainConfig:
     truncation_mode: str = "keep_start"  # TRL 1.16 default
     drop_bad_rows: bool = False  # True: drop and count malformed rows instead of failing
     trust_remote_code: bool = False
+    # TRL's name. Pack a micro-batch's sequences into one row (restarting position ids) instead
+    # of padding them. None (the default): packed wherever it gives the padded numbers — checked
+    # once per model at its first forward (rayalign.models.logprobs.packing_supported); true:
+    # always; false: never. Reward models always pad (their score reads each row's last token).
+    padding_free: bool | None = None
     # Actor deaths survived per run: groups are recreated and the run restored from the last
     # complete checkpoint (or restarted from step 0 before the first one). 0: fail at once.
     max_failures: int = 3
@@ -137,7 +142,6 @@ class DPOConfig(TrainConfig):
     sync_ref_model: bool = False  # TR-DPO
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
-    padding_free: bool = False
     generate_during_eval: bool = False
     num_generate_prompts: int = 4
     max_new_tokens: int = 16

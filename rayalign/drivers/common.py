@@ -105,6 +105,7 @@ class PreparedData:
     _cache: tuple | None = None
     _cache_dir: str | None = None
     eval_rows: list = field(default_factory=list)
+    cache_missed: bool = False  # precompute: the cache was missing when the job started
 
     @property
     def num_train_rows(self) -> int:
@@ -130,7 +131,22 @@ class PreparedData:
             storage.makedirs(self._cache_dir)
             self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
             logger.info("reference cache %s: %s", self._cache_dir, "hit" if self._cache else "miss")
+            self.cache_missed = self._cache is None
+            if self._cache is None and precompute_schedule(cfg) == "before_training":
+                self._score_all(cfg)
         return self._epoch_dataset(cfg), eval_batches
+
+    def _score_all(self, cfg: DPOConfig) -> None:
+        """Score every training row now, with all of this node's cores (nothing else runs
+        yet), and read the result back as the cache."""
+        import ray
+
+        threads = max(1, (os.cpu_count() or 1) // cfg.reference.num_actors)
+        self._attach_reference(cfg, ray.data.from_arrow(self.train_table), threads=threads).materialize()
+        if not refcache.finalize(self._cache_dir, self.num_train_rows):
+            raise RuntimeError(f"reference cache {self._cache_dir}: scoring before training left rows unscored")
+        self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
+        logger.info("reference cache written before training: %s", self._cache_dir)
 
     def _epoch_dataset(self, cfg: TrainConfig):
         def for_epoch(epoch: int):
@@ -149,9 +165,10 @@ class PreparedData:
 
     @property
     def cache_hit(self) -> bool:
-        return self._cache is not None
+        """The job found a complete cache (not: wrote one before training)."""
+        return self._cache is not None and not self.cache_missed
 
-    def _attach_reference(self, cfg: DPOConfig, ds, cached=None, cache_dir=None):
+    def _attach_reference(self, cfg: DPOConfig, ds, cached=None, cache_dir=None, threads: int | None = None):
         cached = self._cache if cached is None else cached
         if cached is not None:
             chosen, rejected = cached
@@ -170,7 +187,8 @@ class PreparedData:
         # Streams: learners train on scored blocks while later blocks are still being scored;
         # each scored block also lands in the cache directory.
         return ds.map_batches(
-            ReferenceLogpsStage, fn_constructor_kwargs={"cfg": cfg, "cache_dir": cache_dir or self._cache_dir},
+            ReferenceLogpsStage, fn_constructor_kwargs={"cfg": cfg, "cache_dir": cache_dir or self._cache_dir,
+                                                        "threads": threads},
             compute=ActorPoolStrategy(size=cfg.reference.num_actors),
             num_cpus=cfg.reference.num_cpus_per_actor, num_gpus=cfg.reference.num_gpus_per_actor or None,
             batch_size=cfg.reference.batch_size, batch_format="numpy")
@@ -208,6 +226,18 @@ class PreparedData:
     @property
     def _row_index(self):
         return self.train_table["row_index"].to_numpy()
+
+
+def precompute_schedule(cfg: DPOConfig) -> str:
+    """reference.precompute_schedule with "auto" decided: streaming overlaps scoring with
+    training only where they do not share CPUs (a reference on GPUs, or several nodes)."""
+    import ray
+
+    schedule = cfg.reference.precompute_schedule
+    if schedule != "auto":
+        return schedule
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return "stream" if cfg.reference.num_gpus_per_actor > 0 or len(nodes) > 1 else "before_training"
 
 
 def pa_array(values):

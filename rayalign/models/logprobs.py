@@ -3,9 +3,10 @@
 Per-token log-probs are aligned with the *unshifted* sequence: `per_token[:, t]` is
 log p(x_t | x_<t) where token t is a completion token, 0 elsewhere — so the completion
 mask of a batch masks them directly. Log-softmax is evaluated only at completion positions
-and in row chunks, never over the whole (N, L, V) block. `padding_free=True` packs every
+and in row chunks, never over the whole (N, L, V) block. The packed path puts every
 sequence of a batch into one row with restarting position ids (transformers turns that
-into a block-diagonal causal mask), which gives the same numbers as the padded path.
+into a block-diagonal causal mask), which gives the same numbers as the padded path; it is
+the default wherever a model is found to honour it (`packing_supported`).
 """
 
 from __future__ import annotations
@@ -113,12 +114,62 @@ def _unpack(packed: torch.Tensor, lengths: list[int], width: int) -> torch.Tenso
     return out
 
 
-def batch_logprobs(model, input_ids, attention_mask, completion_mask, *, padding_free: bool = False,
+_PACKING_ATTR = "_rayalign_packing_supported"
+
+
+@torch.no_grad()
+def packing_supported(model) -> bool:
+    """Whether `model` scores packed sequences (one row, restarting position ids) exactly as
+    padded ones: true for architectures whose attention mask honours packed position ids
+    (transformers' `create_causal_mask`: Llama, Qwen2/3, Mistral, Gemma, ...), false where
+    attention leaks across the packed sequences. Decided once per model, on two short probe
+    sequences, and remembered on the model object."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    known = getattr(module, _PACKING_ATTR, None)
+    if known is not None:
+        return known
+    vocab = module.get_input_embeddings().num_embeddings
+    lengths = [5, 7]
+    width = max(lengths)
+    ids = torch.zeros((2, width), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = (torch.arange(n) * 7 + 3 + i) % vocab
+        attn[i, :n] = 1
+    comp = attn.clone()
+    device = _device(module)
+    ids, attn, comp = ids.to(device), attn.to(device), comp.to(device)
+    was_training = module.training
+    module.eval()
+    try:
+        padded = _padded_logprobs(model, ids, attn, comp, False)
+        packed = _packed_logprobs(model, ids, attn, comp, False)
+        supported = bool(torch.allclose(padded.per_token_logps, packed.per_token_logps, atol=1e-4, rtol=1e-4))
+    except (RuntimeError, ValueError, TypeError):  # a forward that rejects position_ids without a mask
+        supported = False
+    finally:
+        module.train(was_training)
+    setattr(module, _PACKING_ATTR, supported)
+    return supported
+
+
+def batch_logprobs(model, input_ids, attention_mask, completion_mask, *, padding_free: bool | None = None,
                    with_log_sum_sq: bool = False) -> LogProbs:
-    """`sequence_logprobs` on a right-padded block, optionally through the packed path."""
-    if not padding_free:
-        return sequence_logprobs(model, input_ids, attention_mask, completion_mask,
-                                 with_log_sum_sq=with_log_sum_sq)
+    """`sequence_logprobs` on a right-padded block, through the packed path when
+    `padding_free` is true, or is None (the default) and the model packs exactly
+    (`packing_supported`)."""
+    if padding_free is None:
+        padding_free = packing_supported(model)
+    if padding_free:
+        return _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq)
+    return _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq)
+
+
+def _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool) -> LogProbs:
+    return sequence_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq=with_log_sum_sq)
+
+
+def _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool) -> LogProbs:
     ids, comp, pos, lengths = _pack(input_ids, attention_mask, completion_mask)
     # A sequence's first token must not be scored as if predicted by the previous sequence.
     starts = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)[:-1].tolist()))
@@ -149,7 +200,7 @@ def ld_weighted(per_token: torch.Tensor, mask: torch.Tensor, alpha: float) -> to
 
 
 def preference_logprobs(model, batch: PreferenceBatch, *, ld_alpha: float | None = None,
-                        use_weighting: bool = False, padding_free: bool = False) -> PreferenceLogProbs:
+                        use_weighting: bool = False, padding_free: bool | None = None) -> PreferenceLogProbs:
     """Chosen and rejected log-probs from one concatenated forward (TRL's DPO inputs)."""
     from rayalign.losses import wpo_weights
 
@@ -177,7 +228,7 @@ def preference_logprobs(model, batch: PreferenceBatch, *, ld_alpha: float | None
         chosen_weights=weights[0], rejected_weights=weights[1])
 
 
-def sft_logprobs(model, batch: SequenceBatch, *, padding_free: bool = False) -> LogProbs:
+def sft_logprobs(model, batch: SequenceBatch, *, padding_free: bool | None = None) -> LogProbs:
     """Completion log-probs of single sequences (the SFT job)."""
     device = _device(model)
     return batch_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),

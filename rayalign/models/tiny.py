@@ -48,7 +48,7 @@ def build_tokenizer(corpus: Sequence[str], vocab_size: int = 320):
 
 def build_tiny_model(output_dir, corpus: Sequence[str], *, seed: int = 0, vocab_size: int = 320,
                      hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, intermediate_size: int = 256,
-                     max_position_embeddings: int = 256) -> Path:
+                     max_position_embeddings: int = 256, tie_word_embeddings: bool = True) -> Path:
     """Build and save the tiny model + tokenizer (trained on `corpus`) + generation config
     into `output_dir`; `seed` initialises the weights."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -61,7 +61,7 @@ def build_tiny_model(output_dir, corpus: Sequence[str], *, seed: int = 0, vocab_
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
         head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-6,
         initializer_range=0.05,
     )
     if config.head_dim < 32:

@@ -122,6 +122,31 @@ def test_resume_reproduces_the_uninterrupted_losses_and_hits_the_cache(precomput
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
 
 
+def _cached_logps(cache_root: Path, rows: int) -> dict[int, tuple[float, float]]:
+    """The cached reference log-probs of the `rows`-row data file, by row index."""
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(f).to_pydict() for f in cache_root.glob("*/ref_logps.parquet")]
+    (t,) = [t for t in tables if len(t["row_index"]) == rows]
+    return {i: (c, r) for i, c, r in zip(t["row_index"], t["ref_chosen_logps"], t["ref_rejected_logps"])}
+
+
+def test_streamed_precompute_scores_what_scoring_before_training_does(precompute_run, tiny_model_dir,
+                                                                      small_data, tmp_path):
+    """On one node precompute scores everything before training (reference.precompute_schedule
+    auto); streaming the scores while training must give the same cache and a run that learns."""
+    out, _ = precompute_run
+    stream = tmp_path / "stream"
+    cfg = base(tiny_model_dir, small_data, stream, save_steps=None, eval_steps=None, eval_dataset=None,
+               reference={"precompute_schedule": "stream", "cache_dir": str(tmp_path / "cache")})
+    assert rayalign.train_dpo(cfg)["reference_cache"] == "miss"
+    assert_learned(stream)
+    want, got = _cached_logps(out.parent / "ref-cache", 320), _cached_logps(tmp_path / "cache", 320)
+    assert got.keys() == want.keys() and len(got) == 320
+    for i in want:
+        assert got[i] == pytest.approx(want[i], abs=1e-4), i
+
+
 def test_reference_actor_mode_learns(ray_local, tiny_model_dir, small_data, tmp_path):
     out = tmp_path / "actor"
     rayalign.train_dpo(base(tiny_model_dir, small_data, out, save_steps=None, eval_steps=None,

@@ -100,3 +100,35 @@ def test_peft_lora_model_gives_gradients_only_to_the_adapter(tiny_model_dir):
     out.chosen_logps.sum().backward()
     grads = {n for n, p in m.named_parameters() if p.grad is not None}
     assert grads and all("lora" in n for n in grads)
+
+
+class _NoPackedMask(torch.nn.Module):
+    """A real model whose forward drops position ids, as architectures without packed-sequence
+    masks effectively do: packed sequences would attend to each other."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_padding_free_default_packs_only_where_packing_gives_the_padded_numbers(tiny_model_dir):
+    from rayalign.models.logprobs import packing_supported
+
+    m = model(tiny_model_dir)
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    assert packing_supported(m) is True  # Llama: transformers' mask honours packed position ids
+    leaky = _NoPackedMask(m)
+    assert packing_supported(leaky) is False
+    with torch.no_grad():
+        padded = preference_logprobs(m, batch, padding_free=False)
+        for mdl in (m, leaky):  # the default (None) matches the padded numbers on both
+            auto = preference_logprobs(mdl, batch)
+            assert torch.allclose(auto.chosen_logps, padded.chosen_logps, atol=1e-5)
+        forced = preference_logprobs(leaky, batch, padding_free=True)  # forcing it on the leaky model
+        assert not torch.allclose(forced.chosen_logps, padded.chosen_logps, atol=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -106,6 +107,7 @@ class PreparedData:
     _cache_dir: str | None = None
     eval_rows: list = field(default_factory=list)
     cache_missed: bool = False  # precompute: the cache was missing when the job started
+    scoring_seconds: float = 0.0  # spent scoring the train set before training
 
     @property
     def num_train_rows(self) -> int:
@@ -142,11 +144,13 @@ class PreparedData:
         import ray
 
         threads = max(1, (os.cpu_count() or 1) // cfg.reference.num_actors)
+        started = time.perf_counter()
         self._attach_reference(cfg, ray.data.from_arrow(self.train_table), threads=threads).materialize()
         if not refcache.finalize(self._cache_dir, self.num_train_rows):
             raise RuntimeError(f"reference cache {self._cache_dir}: scoring before training left rows unscored")
         self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
-        logger.info("reference cache written before training: %s", self._cache_dir)
+        self.scoring_seconds = time.perf_counter() - started
+        logger.info("reference cache written before training in %.1fs: %s", self.scoring_seconds, self._cache_dir)
 
     def _epoch_dataset(self, cfg: TrainConfig):
         def for_epoch(epoch: int):

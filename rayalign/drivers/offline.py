@@ -153,7 +153,10 @@ class DPOJob(OfflineJob):
         super().finish(tracker)
 
     def summary(self) -> dict:
-        return {"reference_cache": self.cache_status}
+        # reference_scoring_runtime: seconds spent scoring the train set before training
+        # (precompute on a cache miss, schedule before_training; not part of train_runtime).
+        return {"reference_cache": self.cache_status,
+                "reference_scoring_runtime": self.data.scoring_seconds}
 
     def report_extras(self) -> dict:
         return {"reference_cache_hit": float(self.cache_status == "hit")}

@@ -65,30 +65,135 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.cat(out).reshape(index.shape)
 
 
+# Architectures whose causal-LM logits are exactly lm_head(decoder(x)): no logit soft-capping
+# or scaling after the head. For these the head runs on completion positions only, in chunks.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "starcoder2"})
+HEAD_CHUNK_ELEMENTS = 1 << 24  # logits (rows x vocabulary) held at once by the chunked head: 64 MiB fp32
+
+
+def _decoder_and_head(model):
+    """(decoder, lm_head) when the completion-only head applies, else None: a plain-head
+    architecture, an unwrapped nn.Linear head (not a LoRA layer), parameters not partitioned
+    by ZeRO-3 (a ZeRO-3 forward gathers them in the model's own hooks), and a forward that is
+    the class's own."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    if hasattr(module, "get_base_model"):  # PEFT: LoRA layers are injected in place
+        module = module.get_base_model()
+    config = getattr(module, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if "forward" in vars(module):  # forward wrapped on the instance (accelerate autocast, ...): keep it
+        return None
+    try:
+        decoder, head = module.get_decoder(), module.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if type(head) is not torch.nn.Linear or decoder is None or hasattr(head.weight, "ds_id"):
+        return None
+    return decoder, head
+
+
+class _CompletionHead(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] for K hidden rows, with the (K, V) logits built a chunk
+    of rows at a time: forward keeps only per-row log-normalisers, backward rebuilds each
+    chunk's logits (unless everything fit in one chunk, whose probabilities are kept).
+    Also returns, without gradient, each row's vocabulary-mean logit and, when asked,
+    log sum_v p_v^2 (WPO)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, with_log_sum_sq: bool):
+        k = hidden.shape[0]
+        logps = torch.empty(k, dtype=torch.float32, device=hidden.device)
+        means, lse_all = torch.empty_like(logps), torch.empty_like(logps)
+        lssp = torch.empty_like(logps) if with_log_sum_sq else None
+        probs = None
+        for start in range(0, k, chunk):
+            sl = slice(start, start + chunk)
+            logits = torch.nn.functional.linear(hidden[sl], weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            lse_all[sl] = lse
+            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
+            means[sl] = logits.mean(dim=-1)
+            if with_log_sum_sq:
+                lssp[sl] = torch.logsumexp(2 * logits, dim=-1) - 2 * lse
+            if k <= chunk:
+                probs = (logits - lse[:, None]).exp_()
+        ctx.chunk = chunk
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else weight.new_empty(0), targets,
+                              lse_all, probs if probs is not None else lse_all.new_empty(0))
+        ctx.mark_non_differentiable(means)
+        if lssp is None:
+            return logps, means, means.new_empty(0)
+        ctx.mark_non_differentiable(lssp)
+        return logps, means, lssp
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_means, _grad_lssp):
+        hidden, weight, bias, targets, lse_all, probs = ctx.saved_tensors
+        chunk, k = ctx.chunk, hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if ctx.has_bias and ctx.needs_input_grad[2] else None
+        for start in range(0, k, chunk):
+            sl = slice(start, start + chunk)
+            if probs.numel():
+                p = probs
+            else:
+                logits = torch.nn.functional.linear(hidden[sl], weight, bias if ctx.has_bias else None).float()
+                p = (logits - lse_all[sl, None]).exp_()
+            g = grad_logps[sl].float()
+            # d logp / d logits = onehot(target) - softmax
+            grad_logits = p.mul_(-g[:, None])
+            grad_logits.scatter_add_(-1, targets[sl, None], g[:, None])
+            if grad_hidden is not None:
+                grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ hidden[sl].float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(weight.dtype), None, None, None)
+
+
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       completion_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                       with_log_sum_sq: bool = False) -> LogProbs:
-    """Forward `model` once and score the completion tokens of each row."""
+    """Forward `model` once and score the completion tokens of each row. Where the model's
+    logits are lm_head(decoder(x)) (`_decoder_and_head`) the head runs on the completion
+    positions only, in row chunks, so no (rows x positions x vocabulary) block exists."""
     kwargs = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    logits = model(**kwargs).logits
     # Token t is predicted by the logits at t-1; position 0 is never a completion target.
     target_mask = completion_mask.clone().bool()
     target_mask[:, 0] = False
     rows, cols = target_mask.nonzero(as_tuple=True)
-    picked = logits[rows, cols - 1].float()  # (K, V): completion positions only
-    token_logps = selective_log_softmax(picked, input_ids[rows, cols])
-    per_token = logits.new_zeros(input_ids.shape, dtype=torch.float32).index_put((rows, cols), token_logps)
-    mean_logits = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
-    mean_logits = mean_logits.index_put((rows, cols), picked.detach().mean(dim=-1))
-    lssp = None
-    if with_log_sum_sq:
-        with torch.no_grad():
-            value = torch.logsumexp(2 * picked, dim=-1) - 2 * torch.logsumexp(picked, dim=-1)
-            lssp = torch.zeros_like(per_token).index_put((rows, cols), value)
+    targets = input_ids[rows, cols]
+    parts = _decoder_and_head(model)
+    lssp_rows = None
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**kwargs).last_hidden_state[rows, cols - 1]  # (K, H)
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+        token_logps, mean_rows, lssp_rows = _CompletionHead.apply(hidden, head.weight, head.bias, targets, chunk,
+                                                                 with_log_sum_sq)
+    else:
+        logits = model(**kwargs).logits
+        picked = logits[rows, cols - 1].float()  # (K, V): completion positions only
+        token_logps = selective_log_softmax(picked, targets)
+        mean_rows = picked.detach().mean(dim=-1)
+        if with_log_sum_sq:
+            with torch.no_grad():
+                lssp_rows = torch.logsumexp(2 * picked, dim=-1) - 2 * torch.logsumexp(picked, dim=-1)
+    zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    per_token = zeros.index_put((rows, cols), token_logps)
+    mean_logits = zeros.index_put((rows, cols), mean_rows.detach())
+    lssp = None if not with_log_sum_sq else zeros.index_put((rows, cols), lssp_rows.detach())
     mask = target_mask.to(per_token.dtype)
     return LogProbs(per_token_logps=per_token, sum_logps=per_token.sum(dim=1),
                     num_tokens=mask.sum(dim=1), mean_logits=mean_logits, log_sum_sq_probs=lssp)

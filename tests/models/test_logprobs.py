@@ -1,5 +1,6 @@
 """Log-prob module: selective log-softmax, masking, packed == padded, LD-DPO, WPO, PEFT."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -132,3 +133,30 @@ def test_padding_free_default_packs_only_where_packing_gives_the_padded_numbers(
             assert torch.allclose(auto.chosen_logps, padded.chosen_logps, atol=1e-5)
         forced = preference_logprobs(leaky, batch, padding_free=True)  # forcing it on the leaky model
         assert not torch.allclose(forced.chosen_logps, padded.chosen_logps, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 7 * 320])  # one chunk (probabilities kept) / 7-row chunks
+def test_completion_only_chunked_head_gives_the_full_logits_numbers_and_gradients(tiny_model_dir, monkeypatch,
+                                                                                 chunk_elements):
+    """The lm_head applied to completion positions only, in row chunks rebuilt in backward,
+    matches the full-logits path in values and in every parameter's gradient."""
+    from rayalign.models import logprobs as lp
+
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    results = {}
+    for name, plain in (("chunked", lp.PLAIN_HEAD_MODEL_TYPES), ("full", frozenset())):
+        m = model(tiny_model_dir)
+        assert m.config.model_type == "llama"
+        monkeypatch.setattr(lp, "PLAIN_HEAD_MODEL_TYPES", plain)
+        monkeypatch.setattr(lp, "HEAD_CHUNK_ELEMENTS", chunk_elements)
+        assert (lp._decoder_and_head(m) is not None) == (name == "chunked")
+        out = preference_logprobs(m, batch, use_weighting=True)
+        (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
+        results[name] = (out, {n: p.grad.clone() for n, p in m.named_parameters()})
+    (a, ga), (b, gb) = results["chunked"], results["full"]
+    for field in ("chosen_logps", "rejected_logps", "chosen_mean_logits", "chosen_weights"):
+        assert torch.allclose(getattr(a, field), getattr(b, field), atol=1e-5), field
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-4), n
+    assert any(g.abs().sum() > 0 for g in ga.values())

@@ -248,9 +248,10 @@ def warm_reference_cache(cfg: DPOConfig) -> str:
     train_ds, _ = data.build(cfg)  # the eval set's cache is filled here, eagerly
     if data.cache_hit:
         return "hit"
-    train_ds(0).materialize()  # streams every block through the reference stage into the cache
-    data.end_epoch(cfg)
-    if not data.cache_hit:
+    if not data.cache_complete:  # streamed schedule: build() left the scoring to the first pass
+        train_ds(0).materialize()  # streams every block through the reference stage into the cache
+        data.end_epoch(cfg)
+    if not data.cache_complete:
         raise RuntimeError(f"reference cache under {data._cache_dir} is incomplete after the warm-up")
     return "miss"
 

@@ -172,6 +172,11 @@ class PreparedData:
         """The job found a complete cache (not: wrote one before training)."""
         return self._cache is not None and not self.cache_missed
 
+    @property
+    def cache_complete(self) -> bool:
+        """Every training row's reference log-probs are in the cache (found or written)."""
+        return self._cache is not None
+
     def _attach_reference(self, cfg: DPOConfig, ds, cached=None, cache_dir=None, threads: int | None = None):
         cached = self._cache if cached is None else cached
         if cached is not None:

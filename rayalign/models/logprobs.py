@@ -200,22 +200,43 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def _pack(input_ids, attention_mask, completion_mask):
-    """All rows' real tokens in one row, position ids restarting per sequence."""
+    """The rows' real tokens packed into as few rows as hold them, none longer than the longest
+    sequence (first-fit, longest first), position ids restarting per sequence. Attention then
+    costs at most what the padded block's does (sdpa attends over a whole row, so one row of
+    everything would cost the square of the total). Returns (ids, completion mask, position
+    ids, placement: (row, start, length) per input row)."""
     lengths = attention_mask.sum(dim=1).tolist()
-    ids, comp, pos = [], [], []
-    for i, n in enumerate(lengths):
-        ids.append(input_ids[i, :n])
-        comp.append(completion_mask[i, :n])
-        pos.append(torch.arange(n, device=input_ids.device))
-    return torch.cat(ids)[None], torch.cat(comp)[None], torch.cat(pos)[None], lengths
+    width = max(lengths)
+    free: list[int] = []  # room left in each packed row
+    placement: list[tuple[int, int, int]] = [(0, 0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        row = next((r for r, room in enumerate(free) if room >= n), None)
+        if row is None:
+            free.append(width)
+            row = len(free) - 1
+        placement[i] = (row, width - free[row], n)
+        free[row] -= n
+    rows = len(free)
+    ids = input_ids.new_zeros((rows, width))
+    comp = completion_mask.new_zeros((rows, width))
+    # Unused tail positions count up from 0 as one more (unscored) sequence of their row.
+    pos = torch.arange(width, device=input_ids.device).repeat(rows, 1)
+    for i, (row, start, n) in enumerate(placement):
+        ids[row, start:start + n] = input_ids[i, :n]
+        comp[row, start:start + n] = completion_mask[i, :n]
+        comp[row, start] = 0  # a sequence's first token is never predicted by the one before it
+        pos[row, start:start + n] = torch.arange(n, device=input_ids.device)
+    for row, room in enumerate(free):
+        if room:
+            pos[row, width - room:] = torch.arange(room, device=input_ids.device)
+    return ids, comp, pos, placement
 
 
-def _unpack(packed: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:
-    out = packed.new_zeros((len(lengths), width))
-    start = 0
-    for i, n in enumerate(lengths):
-        out[i, :n] = packed[0, start:start + n]
-        start += n
+def _unpack(packed: torch.Tensor, placement: list[tuple[int, int, int]], width: int) -> torch.Tensor:
+    out = packed.new_zeros((len(placement), width))
+    for i, (row, start, n) in enumerate(placement):
+        out[i, :n] = packed[row, start:start + n]
     return out
 
 
@@ -224,19 +245,19 @@ _PACKING_ATTR = "_rayalign_packing_supported"
 
 @torch.no_grad()
 def packing_supported(model) -> bool:
-    """Whether `model` scores packed sequences (one row, restarting position ids) exactly as
+    """Whether `model` scores packed sequences (shared rows, restarting position ids) exactly as
     padded ones: true for architectures whose attention mask honours packed position ids
     (transformers' `create_causal_mask`: Llama, Qwen2/3, Mistral, Gemma, ...), false where
-    attention leaks across the packed sequences. Decided once per model, on two short probe
+    attention leaks across the packed sequences. Decided once per model, on three short probe
     sequences, and remembered on the model object."""
     module = getattr(model, "module", model)  # a DeepSpeed engine's model
     known = getattr(module, _PACKING_ATTR, None)
     if known is not None:
         return known
     vocab = module.get_input_embeddings().num_embeddings
-    lengths = [5, 7]
+    lengths = [3, 4, 7]  # packed: the 4 and the 3 share a row
     width = max(lengths)
-    ids = torch.zeros((2, width), dtype=torch.long)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
         ids[i, :n] = (torch.arange(n) * 7 + 3 + i) % vocab
@@ -275,16 +296,12 @@ def _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log
 
 
 def _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool) -> LogProbs:
-    ids, comp, pos, lengths = _pack(input_ids, attention_mask, completion_mask)
-    # A sequence's first token must not be scored as if predicted by the previous sequence.
-    starts = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)[:-1].tolist()))
-    comp = comp.clone()
-    comp[0, starts] = 0
+    ids, comp, pos, placement = _pack(input_ids, attention_mask, completion_mask)
     out = sequence_logprobs(model, ids, None, comp, position_ids=pos, with_log_sum_sq=with_log_sum_sq)
     width = input_ids.shape[1]
-    per_token = _unpack(out.per_token_logps, lengths, width)
-    mean_logits = _unpack(out.mean_logits, lengths, width)
-    lssp = None if out.log_sum_sq_probs is None else _unpack(out.log_sum_sq_probs, lengths, width)
+    per_token = _unpack(out.per_token_logps, placement, width)
+    mean_logits = _unpack(out.mean_logits, placement, width)
+    lssp = None if out.log_sum_sq_probs is None else _unpack(out.log_sum_sq_probs, placement, width)
     mask = completion_mask.clone().bool()
     mask[:, 0] = False
     return LogProbs(per_token_logps=per_token, sum_logps=per_token.sum(dim=1),

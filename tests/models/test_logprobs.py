@@ -132,7 +132,28 @@ def test_padding_free_default_packs_only_where_packing_gives_the_padded_numbers(
             auto = preference_logprobs(mdl, batch)
             assert torch.allclose(auto.chosen_logps, padded.chosen_logps, atol=1e-5)
         forced = preference_logprobs(leaky, batch, padding_free=True)  # forcing it on the leaky model
-        assert not torch.allclose(forced.chosen_logps, padded.chosen_logps, atol=1e-3)
+        assert not torch.allclose(torch.cat([forced.chosen_logps, forced.rejected_logps]),
+                                  torch.cat([padded.chosen_logps, padded.rejected_logps]), atol=1e-3)
+
+
+def test_packing_fills_rows_no_longer_than_the_longest_sequence():
+    """First-fit packing of the 6 sequences (lengths 7, 7, 9, 6, 6, 13) into rows of the longest
+    (13): 4 rows, each sequence whole, at its own positions, none overlapping."""
+    from rayalign.models.logprobs import _pack
+
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    lengths = batch.attention_mask.sum(1).tolist()
+    ids, comp, pos, placement = _pack(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    assert ids.shape == (4, 13)  # fewer rows than the padded block, none wider
+    seen = set()
+    for i, (row, start, n) in enumerate(placement):
+        assert n == lengths[i] and start + n <= ids.shape[1]
+        assert torch.equal(ids[row, start:start + n], batch.input_ids[i, :n])
+        assert pos[row, start:start + n].tolist() == list(range(n))
+        assert comp[row, start] == 0  # never scored as the previous sequence's continuation
+        cells = {(row, c) for c in range(start, start + n)}
+        assert not cells & seen  # no two sequences overlap
+        seen |= cells
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 7 * 320])  # one chunk (probabilities kept) / 7-row chunks

@@ -63,7 +63,7 @@ class PeakRSS:
                 if p.info["pid"] == me:
                     role = "driver"
                 elif cmd.startswith("ray::"):
-                    role = cmd.split()[0].split(".")[0][5:]
+                    role = cmd.split()[0].split(".")[0][5:].split(":")[-1]  # "learner-0-ab12:PolicyLearner"
                     if role in ("IDLE", "DashboardAgent", "RuntimeEnvAgent", "_StatsActor"):
                         continue
                 else:
@@ -129,7 +129,8 @@ def trl_dpo(d: Path, precompute: bool) -> dict:
     args = DPOConfig(output_dir=str(d / f"trl-dpo-{precompute}"), use_cpu=True, report_to="none",
                      per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
                      max_length=MAX_LENGTH, logging_steps=10, save_strategy="no",
-                     precompute_ref_log_probs=precompute, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                     precompute_ref_log_probs=precompute, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                     bf16=False, gradient_checkpointing=False)  # TRL's defaults are True: same fp32 step as ours
     t0 = time.perf_counter()
     trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(d / "model"), args=args,
                          train_dataset=Dataset.from_list(rows),
@@ -170,7 +171,7 @@ def trl_reward(d: Path) -> dict:
     args = RewardConfig(output_dir=str(d / "trl-rm"), use_cpu=True, report_to="none",
                         per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
                         max_length=MAX_LENGTH, logging_steps=10, save_strategy="no", dataloader_num_workers=0,
-                        seed=0, disable_tqdm=True)
+                        seed=0, disable_tqdm=True, bf16=False, gradient_checkpointing=False)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     m = trainer.train().metrics
     return {"train_sps": m["train_samples_per_second"], "train_runtime": m["train_runtime"], "reference_s": 0.0}

@@ -340,6 +340,27 @@ def validate_file(path: str, tokenizer, settings: TokenizeSettings, *, kind: str
     return pa.Table.from_pylist(out, schema=_token_schema(kind)), DataInfo(path, len(out), dropped)
 
 
+def drop_over_length(table: pa.Table, max_length: int, path: str, field: str) -> pa.Table:
+    """Reward data, as TRL 1.16's RewardTrainer prepares it: a pair whose chosen or rejected
+    sequence (prompt included) is longer than `max_length` is dropped, not truncated (a score
+    read at a cut-off position would rank a sequence nobody wrote)."""
+    import pyarrow.compute as pc
+
+    prompt = pc.list_value_length(table["prompt_ids"])
+    longest = pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
+                                  pc.list_value_length(table["rejected_ids"]))
+    keep = pc.less_equal(pc.add(prompt, longest), max_length)
+    kept = table.filter(keep)
+    dropped = table.num_rows - kept.num_rows
+    if not kept.num_rows:
+        raise DataError(f"{field}: {path}: every pair is longer than max_length={max_length} tokens "
+                        f"(reward data is filtered, as TRL's RewardTrainer does); raise max_length")
+    if dropped:
+        logger.warning("%s: %s: dropped %d of %d pairs longer than max_length=%d tokens (as TRL's "
+                       "RewardTrainer)", field, path, dropped, table.num_rows, max_length)
+    return kept
+
+
 class TokenizeStage:
     """Ray Data `map_batches` UDF: normalized rows (as JSON text) in, token ids out.
     Loads the tokenizer once per worker."""

@@ -17,7 +17,7 @@ import torch
 from rayalign import losses
 from rayalign.batch import PreferenceBatch, SequenceBatch
 from rayalign.config import DPOConfig, OnlineDPOConfig, RewardConfig, SFTConfig, TrainConfig
-from rayalign.models.logprobs import preference_logprobs, sft_logprobs
+from rayalign.models.logprobs import preference_logprobs, sequence_scores, sft_logprobs
 
 
 # Returns the reference log-probs (chosen, rejected) of a batch once they are needed.
@@ -121,7 +121,8 @@ def sft_objective(model, batch: SequenceBatch, cfg) -> tuple[torch.Tensor, dict]
 
 def reward_objective(model, batch: PreferenceBatch, cfg: RewardConfig) -> tuple[torch.Tensor, dict]:
     """Bradley–Terry loss on the scalar head, chosen half vs rejected half."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
+    logits = sequence_scores(model, batch.input_ids, batch.attention_mask,
+                             padding_free=cfg.padding_free).squeeze(-1)
     b = len(batch)
     chosen, rejected = logits[:b], logits[b:]
     margin = None if batch.margin is None else batch.margin.to(chosen)

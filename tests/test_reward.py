@@ -50,6 +50,37 @@ def test_reward_loss_and_metrics_equal_trl(tiny_model_dir, demo_data_dir, tmp_pa
         assert metrics[key].item() == pytest.approx(t_metrics[key], rel=1e-5, abs=1e-6), key
 
 
+def test_over_length_pairs_are_dropped_as_trls_reward_trainer_drops_them(tiny_model_dir, demo_data_dir, tmp_path):
+    from datasets import Dataset
+    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
+
+    from rayalign.data import DataError
+    from rayalign.drivers.common import prepare_data
+
+    rows = [json.loads(x) for x in Path(demo_data_dir, "pref_train.jsonl").read_text().splitlines()[:200]]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(tiny_model_dir)
+    max_length = 20
+    trainer = RewardTrainer(model=load_reward_model(tiny_model_dir, pad_token_id=tok.pad_token_id),
+                            processing_class=tok, train_dataset=Dataset.from_list(rows),
+                            args=TRLRewardConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none",
+                                                 max_length=max_length))
+    kept = trainer.train_dataset
+    assert 20 < len(kept) < 180  # the bound splits this data: the test sees both sides of it
+
+    def cfg(length):
+        return from_dict(RewardConfig, {"model_name_or_path": tiny_model_dir, "train_dataset": str(path),
+                                        "output_dir": str(tmp_path / "out"), "max_length": length,
+                                        "per_device_train_batch_size": 2})
+
+    ours = prepare_data(cfg(max_length), "reward").train_table.to_pylist()
+    assert [r["prompt_ids"] + r["chosen_ids"] for r in ours] == kept["chosen_ids"]
+    assert [r["prompt_ids"] + r["rejected_ids"] for r in ours] == kept["rejected_ids"]
+    with pytest.raises(DataError, match=r"train_dataset: .*pairs.jsonl: every pair is longer than max_length=4"):
+        prepare_data(cfg(4), "reward")
+
+
 @pytest.fixture(scope="module")
 def sft_model(ray_local, tiny_model_dir, demo_data_dir, tmp_path_factory):
     """The demo's SFT model (400 steps with warmup, ~0.6 greedy correctness) that the reward
@@ -75,11 +106,14 @@ def test_reward_job_learns_and_reloads(ray_local, sft_model, demo_data_dir, tmp_
         "logging_steps": 25, "eval_steps": 100, "max_length": 64, "seed": 0, "logging": {"progress_bar": False},
         "learner": {"num_actors": 2, "num_cpus_per_actor": 0.5, "zero_stage": 2}})
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in x]
-    # The bound, not 0.9: a 2-layer, 64-wide classifier reading one pooled position must compare
-    # up to nine mirrored letters. From the SFT model it reaches ~0.78 in 300 steps (0.6 from
-    # random init); DPO's token-level implicit reward reaches 0.99 on the same pairs.
-    assert evals[-1]["eval_accuracy"] >= 0.7, evals
-    assert evals[-1]["eval_accuracy"] > evals[0]["eval_accuracy"] - 0.02
+    # Held-out loss is the robust signal: it falls steadily (one run: 0.604, 0.496, 0.465 at steps
+    # 100/200/300; ln 2 = 0.693 for a classifier that learned nothing). Accuracy on 200 pairs is
+    # noisy and near its ceiling for this model: 0.66-0.77 at step 300 over six runs that differed
+    # only in seed or float summation order (packed vs padded). A 2-layer, 64-wide classifier
+    # reading one pooled position must compare up to nine mirrored letters; DPO's token-level
+    # implicit reward reaches 0.99 on the same pairs. Issue 14 tracks a reward model worth 0.9.
+    assert evals[-1]["eval_loss"] < 0.6 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05, evals
+    assert evals[-1]["eval_accuracy"] >= 0.62, evals
     assert (out / "model.safetensors").exists() and "eval_accuracy" in (out / "README.md").read_text()
 
     from transformers import AutoModelForSequenceClassification

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -261,14 +262,20 @@ def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
     settings = data_lib.TokenizeSettings(
         max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
+    if kind == "reward":  # TRL's RewardTrainer keeps pairs whole and drops the over-long ones
+        settings = dataclasses.replace(settings, max_length=None)
     data_kind = "sft" if kind == "sft" else "preference"
-    train, info = data_lib.validate_file(cfg.train_dataset, tokenizer, settings, kind=data_kind,
-                                         drop_bad_rows=cfg.drop_bad_rows, field="train_dataset")
-    steps_per_epoch(info.num_rows, cfg)  # too few rows: fail now, not after the actors start
-    evaluation = None
-    if cfg.eval_dataset:
-        evaluation, _ = data_lib.validate_file(cfg.eval_dataset, tokenizer, settings, kind=data_kind,
-                                               drop_bad_rows=cfg.drop_bad_rows, field="eval_dataset")
+
+    def load(path: str, name: str):
+        table, _ = data_lib.validate_file(path, tokenizer, settings, kind=data_kind,
+                                          drop_bad_rows=cfg.drop_bad_rows, field=name)
+        if kind == "reward" and cfg.max_length is not None:
+            table = data_lib.drop_over_length(table, cfg.max_length, path, name)
+        return table
+
+    train = load(cfg.train_dataset, "train_dataset")
+    steps_per_epoch(train.num_rows, cfg)  # too few rows: fail now, not after the actors start
+    evaluation = load(cfg.eval_dataset, "eval_dataset") if cfg.eval_dataset else None
     return PreparedData(kind, cfg.train_dataset, train, cfg.eval_dataset, evaluation,
                         pad_token_id=tokenizer.pad_token_id)
 

@@ -3,10 +3,11 @@
 Per-token log-probs are aligned with the *unshifted* sequence: `per_token[:, t]` is
 log p(x_t | x_<t) where token t is a completion token, 0 elsewhere — so the completion
 mask of a batch masks them directly. Log-softmax is evaluated only at completion positions
-and in row chunks, never over the whole (N, L, V) block. The packed path puts every
-sequence of a batch into one row with restarting position ids (transformers turns that
-into a block-diagonal causal mask), which gives the same numbers as the padded path; it is
-the default wherever a model is found to honour it (`packing_supported`).
+and in row chunks, never over the whole (N, L, V) block. The packed path puts a batch's
+sequences into as few rows as hold them (none longer than the longest sequence) with
+restarting position ids (transformers turns that into a block-diagonal causal mask), which
+gives the same numbers as the padded path; it is the default wherever a model is found to
+honour it (`packing_supported`). Reward models (`sequence_scores`) pack the same way.
 """
 
 from __future__ import annotations
@@ -241,42 +242,52 @@ def _unpack(packed: torch.Tensor, placement: list[tuple[int, int, int]], width: 
 
 
 _PACKING_ATTR = "_rayalign_packing_supported"
+_SCORE_PACKING_ATTR = "_rayalign_score_packing_supported"
 
 
 @torch.no_grad()
-def packing_supported(model) -> bool:
-    """Whether `model` scores packed sequences (shared rows, restarting position ids) exactly as
-    padded ones: true for architectures whose attention mask honours packed position ids
-    (transformers' `create_causal_mask`: Llama, Qwen2/3, Mistral, Gemma, ...), false where
-    attention leaks across the packed sequences. Decided once per model, on three short probe
-    sequences, and remembered on the model object."""
+def _probe_packing(model, attr: str, padded, packed, avoid: int | None = None) -> bool:
+    """`padded(model, ids, mask)` vs `packed(model, ids, mask)` on three short probe sequences
+    (packed, the 4 and the 3 share a row); decided once per model, remembered on it as `attr`.
+    `avoid`: a token id the probe must not contain (a reward model's pad id ends its score)."""
     module = getattr(model, "module", model)  # a DeepSpeed engine's model
-    known = getattr(module, _PACKING_ATTR, None)
+    known = getattr(module, attr, None)
     if known is not None:
         return known
     vocab = module.get_input_embeddings().num_embeddings
-    lengths = [3, 4, 7]  # packed: the 4 and the 3 share a row
+    lengths = [3, 4, 7]
     width = max(lengths)
     ids = torch.zeros((len(lengths), width), dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
         ids[i, :n] = (torch.arange(n) * 7 + 3 + i) % vocab
         attn[i, :n] = 1
-    comp = attn.clone()
+    if avoid is not None:
+        ids[ids == avoid] = (avoid + 1) % vocab
+        ids[attn == 0] = avoid
     device = _device(module)
-    ids, attn, comp = ids.to(device), attn.to(device), comp.to(device)
+    ids, attn = ids.to(device), attn.to(device)
     was_training = module.training
     module.eval()
     try:
-        padded = _padded_logprobs(model, ids, attn, comp, False)
-        packed = _packed_logprobs(model, ids, attn, comp, False)
-        supported = bool(torch.allclose(padded.per_token_logps, packed.per_token_logps, atol=1e-4, rtol=1e-4))
+        a, b = padded(model, ids, attn), packed(model, ids, attn)
+        supported = bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
     except (RuntimeError, ValueError, TypeError):  # a forward that rejects position_ids without a mask
         supported = False
     finally:
         module.train(was_training)
-    setattr(module, _PACKING_ATTR, supported)
+    setattr(module, attr, supported)
     return supported
+
+
+def packing_supported(model) -> bool:
+    """Whether `model` scores packed sequences (shared rows, restarting position ids) exactly as
+    padded ones: true for architectures whose attention mask honours packed position ids
+    (transformers' `create_causal_mask`: Llama, Qwen2/3, Mistral, Gemma, ...), false where
+    attention leaks across the packed sequences."""
+    return _probe_packing(model, _PACKING_ATTR,
+                          lambda m, ids, attn: _padded_logprobs(m, ids, attn, attn, False).per_token_logps,
+                          lambda m, ids, attn: _packed_logprobs(m, ids, attn, attn, False).per_token_logps)
 
 
 def batch_logprobs(model, input_ids, attention_mask, completion_mask, *, padding_free: bool | None = None,
@@ -355,6 +366,72 @@ def sft_logprobs(model, batch: SequenceBatch, *, padding_free: bool | None = Non
     device = _device(model)
     return batch_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
                           batch.completion_mask.to(device), padding_free=padding_free)
+
+
+# ----------------------------------------------------------------------------- reward models
+
+
+def _pooled_decoder_and_score(model):
+    """(decoder, score head, pad id) of a transformers sequence classifier whose forward is
+    `GenericForSequenceClassification`'s (Llama, Qwen2/3, Mistral, ...: score(decoder(x)) read
+    at each row's last non-pad token), else None: then only the model's own forward is used."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    module = getattr(model, "module", model)
+    if hasattr(module, "get_base_model"):  # PEFT
+        module = module.get_base_model()
+    if not isinstance(module, GenericForSequenceClassification) or "forward" in vars(module):
+        return None
+    if type(module).forward is not GenericForSequenceClassification.forward:
+        return None
+    pad = module.config.get_text_config().pad_token_id
+    decoder, score = getattr(module, module.base_model_prefix, None), getattr(module, "score", None)
+    if pad is None or decoder is None or score is None or hasattr(getattr(score, "weight", None), "ds_id"):
+        return None
+    return decoder, score, pad
+
+
+def _padded_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _packed_scores(model, input_ids, attention_mask) -> torch.Tensor | None:
+    decoder, score, pad = _pooled_decoder_and_score(model)
+    # The position transformers pools: each row's last token that is not the pad id.
+    last = (torch.arange(input_ids.shape[1], device=input_ids.device) * (input_ids != pad)).argmax(-1)
+    if bool((last >= attention_mask.sum(dim=1)).any()):
+        return None  # padded with another id than the model's pad id: its forward reads padding
+    ids, _, pos, placement = _pack(input_ids, attention_mask, attention_mask)
+    rows = torch.tensor([row for row, _, _ in placement], device=input_ids.device)
+    cols = torch.tensor([start for _, start, _ in placement], device=input_ids.device) + last
+    hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    return score(hidden[rows, cols])
+
+
+def score_packing_supported(model) -> bool:
+    """`packing_supported` for sequence classifiers: packed scores equal the model's own."""
+    parts = _pooled_decoder_and_score(model)
+    if parts is None:
+        return False
+    return _probe_packing(model, _SCORE_PACKING_ATTR, _padded_scores, _packed_scores, avoid=parts[2])
+
+
+def sequence_scores(model, input_ids, attention_mask, *, padding_free: bool | None = None) -> torch.Tensor:
+    """A sequence classifier's (N, num_labels) scores, read where transformers reads them;
+    packed (padding-free) when `padding_free` is true, or None and `score_packing_supported`.
+    A batch padded with another id than the model's pad id (its forward would read a padding
+    position) takes the padded forward."""
+    device = _device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if padding_free is None:
+        padding_free = score_packing_supported(model)
+    elif padding_free and _pooled_decoder_and_score(model) is None:
+        padding_free = False  # a classifier with its own pooling: only its forward knows it
+    if padding_free:
+        scores = _packed_scores(model, input_ids, attention_mask)
+        if scores is not None:
+            return scores
+    return _padded_scores(model, input_ids, attention_mask)
 
 
 def _device(model) -> torch.device:

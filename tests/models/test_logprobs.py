@@ -181,3 +181,48 @@ def test_completion_only_chunked_head_gives_the_full_logits_numbers_and_gradient
     for n in ga:
         assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-4), n
     assert any(g.abs().sum() > 0 for g in ga.values())
+
+
+def _reward_model(tiny_model_dir, pad_token_id: int):
+    from rayalign.models.loading import load_reward_model
+
+    torch.manual_seed(0)
+    m = load_reward_model(tiny_model_dir, pad_token_id=pad_token_id)
+    with torch.no_grad():
+        m.score.weight.normal_(0.0, 1.0)  # scores that differ from row to row
+    return m
+
+
+def _scores_and_grads(m, fn):
+    m.zero_grad()
+    scores = fn()
+    scores.sum().backward()
+    return scores.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("pad", [2, 1])  # 1 also ends every sequence (pad == eos): the score is read before it
+def test_packed_reward_scores_and_gradients_equal_the_models_own_forward(tiny_model_dir, pad):
+    from rayalign.models.logprobs import score_packing_supported, sequence_scores
+
+    m = _reward_model(tiny_model_dir, pad)
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=pad)
+    assert score_packing_supported(m) is True
+    own, own_grads = _scores_and_grads(m, lambda: m(input_ids=batch.input_ids,
+                                                    attention_mask=batch.attention_mask).logits)
+    packed, packed_grads = _scores_and_grads(m, lambda: sequence_scores(m, batch.input_ids, batch.attention_mask,
+                                                                        padding_free=True))
+    assert own.shape == packed.shape == (6, 1) and own.std() > 0.1
+    assert torch.allclose(packed, own, atol=1e-5, rtol=1e-5)
+    assert own_grads.keys() == packed_grads.keys() and len(own_grads) > 10
+    for name, g in own_grads.items():
+        assert torch.allclose(packed_grads[name], g, atol=1e-5, rtol=1e-4), name
+
+
+def test_reward_scores_of_a_batch_padded_with_another_id_take_the_models_own_forward(tiny_model_dir):
+    from rayalign.models.logprobs import sequence_scores
+
+    m = _reward_model(tiny_model_dir, 2)
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=0)  # the model pools at its pad id, 2
+    with torch.no_grad():
+        own = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        assert torch.equal(sequence_scores(m, batch.input_ids, batch.attention_mask, padding_free=True), own)

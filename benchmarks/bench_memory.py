@@ -49,7 +49,6 @@ def peak_mib() -> float:
 
 
 def trl_step(d: Path, pairs: int) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -69,10 +68,8 @@ def trl_step(d: Path, pairs: int) -> dict:
 
 
 def rayalign_step(d: Path, pairs: int) -> dict:
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from rayalign.batch import PreferenceBatch
     from rayalign.config import DPOConfig
     from rayalign.config.loading import from_dict
     from rayalign.data import TokenizeSettings, normalize_preference_row, tokenize_preference_row

@@ -1,0 +1,174 @@
+"""Online DPO learning, rayalign vs TRL 1.16's OnlineDPOTrainer, on the demo task.
+
+    cd benchmarks && ../.venv/bin/python learn_online_dpo.py [--lr 1e-4] [--temperature 0.5]
+        [--steps 120] [--batch 32] [--eval-every 40] [--sides trl,rayalign] [--workdir DIR]
+
+Both sides start from the same SFT model (the demo's SFT stage, rayalign SFT, built once per
+--workdir and reused), sample two completions for each of the same prompts
+(`prompts_train.jsonl`), rank them with the same reward (`rayalign.demo.task:demo_reward`,
+a missing eos costs 1), and run sigmoid DPO against a live reference with the same
+hyperparameters (beta 0.1, constant lr, max_length 64, max_new_tokens 16). Every
+--eval-every steps each side's policy answers the 200 held-out problems greedily
+(`prompts_eval.jsonl`, HF generate in this process) and the task's checker scores them:
+the held-out correctness curve, with its 95% interval. TRL evaluates inside a callback;
+rayalign saves a checkpoint at those steps and each one is evaluated afterwards, by the same
+function. Train-side curves (`objective/scores`, `rewards/margins`, `loss`) come from each
+side's own logs. Prints a table and writes the JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+BETA, MAX_LENGTH, MAX_NEW_TOKENS, EOS_PENALTY = 0.1, 64, 16, 1.0
+
+
+def build(workdir: Path) -> tuple[Path, Path]:
+    """(SFT model dir, data dir): the demo's tiny model, data and SFT stage (400 steps)."""
+    import rayalign
+    from rayalign.demo.task import build_demo_model, write_demo_data
+
+    data = workdir / "data"
+    sft = workdir / "sft"
+    if not (sft / "rayalign_complete.json").exists() and not (sft / "model.safetensors").exists():
+        model = build_demo_model(workdir / "tiny-model", seed=0)
+        write_demo_data(data, seed=0)
+        rayalign.train_sft({
+            "model_name_or_path": str(model), "train_dataset": str(data / "sft_train.jsonl"),
+            "output_dir": str(sft), "overwrite_output_dir": True, "max_steps": 400,
+            "per_device_train_batch_size": 32, "learning_rate": 3e-3, "lr_scheduler_type": "cosine",
+            "warmup_ratio": 0.05, "logging_steps": 100, "max_length": MAX_LENGTH, "seed": 0,
+            "save_total_limit": 1, "logging": {"progress_bar": False, "report_to": []},
+            "learner": {"num_actors": 1, "num_cpus_per_actor": 1}})
+    return sft, data
+
+
+def correctness(model, tokenizer, prompts: list[str]) -> dict:
+    """Greedy held-out correctness and its 95% Wilson interval."""
+    from rayalign.demo.task import check_answers
+    from rayalign.models.generate import generate_texts
+
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    texts = generate_texts(model, tokenizer, ids, MAX_NEW_TOKENS)
+    ok = check_answers(prompts, texts)
+    n, k = len(ok), sum(ok)
+    p, z = k / n, 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"correctness": p, "ci95": [centre - half, centre + half]}
+
+
+def run_trl(sft: Path, data: Path, out: Path, a) -> dict:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from rayalign.demo.task import demo_reward
+
+    torch.manual_seed(a.seed)
+    tok = AutoTokenizer.from_pretrained(sft)
+    prompts = [json.loads(x)["prompt"] for x in open(data / "prompts_eval.jsonl")]
+    curve = []
+
+    class Eval(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % a.eval_every == 0:
+                curve.append({"step": state.global_step, **correctness(model, tok, prompts)})
+
+    args = OnlineDPOConfig(
+        output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
+        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="constant", max_length=MAX_LENGTH,
+        max_new_tokens=MAX_NEW_TOKENS, temperature=a.temperature, beta=[BETA], loss_type="sigmoid",
+        missing_eos_penalty=EOS_PENALTY, logging_steps=10, save_strategy="no", dataloader_num_workers=0,
+        seed=a.seed, disable_tqdm=True, bf16=False)
+    rows = [json.loads(x) for x in open(data / "prompts_train.jsonl")]
+    trainer = OnlineDPOTrainer(model=AutoModelForCausalLM.from_pretrained(sft), reward_funcs=[demo_reward],
+                               args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                               callbacks=[Eval()])
+    start = correctness(trainer.model, tok, prompts)
+    t0 = time.perf_counter()
+    trainer.train()
+    logs = [{k: v for k, v in r.items() if k in ("step", "loss", "objective/scores", "rewards/margins",
+                                                   "rewards/accuracies", "val/contain_eos_token")}
+            for r in trainer.state.log_history if "loss" in r]
+    return {"start": start, "curve": curve, "train_log": logs, "wall_s": time.perf_counter() - t0}
+
+
+def run_rayalign(sft: Path, data: Path, out: Path, a) -> dict:
+    import rayalign
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    rayalign.train_online_dpo({
+        "model_name_or_path": str(sft), "train_dataset": str(data / "prompts_train.jsonl"),
+        "output_dir": str(out), "overwrite_output_dir": True, "max_steps": a.steps,
+        "per_device_train_batch_size": a.batch, "learning_rate": a.lr, "lr_scheduler_type": "constant",
+        "beta": BETA, "loss_type": "sigmoid", "max_length": MAX_LENGTH, "max_new_tokens": MAX_NEW_TOKENS,
+        "temperature": a.temperature, "reward_funcs": ["rayalign.demo.task:demo_reward"],
+        "missing_eos_penalty": EOS_PENALTY, "logging_steps": 10, "save_steps": a.eval_every,
+        "save_total_limit": None, "seed": a.seed, "logging": {"progress_bar": False, "report_to": []},
+        "learner": {"num_actors": 1, "num_cpus_per_actor": 1},
+        "reference": {"mode": "actor", "num_cpus_per_actor": 0.5},
+        "rollout": {"backend": a.backend, "num_actors": 1, "num_cpus_per_actor": 0.5}})
+    wall = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(sft)
+    prompts = [json.loads(x)["prompt"] for x in open(data / "prompts_eval.jsonl")]
+    start = correctness(AutoModelForCausalLM.from_pretrained(sft), tok, prompts)
+    curve = []
+    for ckpt in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        curve.append({"step": int(ckpt.name.split("-")[1]),
+                      **correctness(AutoModelForCausalLM.from_pretrained(ckpt), tok, prompts)})
+    logs = [{k: v for k, v in m.items() if k in ("step", "loss", "objective/scores", "rewards/margins",
+                                                   "rewards/accuracies", "val/contain_eos_token")}
+            for m in map(json.loads, open(out / "metrics.jsonl")) if "loss" in m]
+    return {"start": start, "curve": curve, "train_log": logs, "wall_s": wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="hf")
+    p.add_argument("--sides", default="trl,rayalign")
+    p.add_argument("--workdir", default="/tmp/learn-online-dpo")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    import logging
+
+    logging.disable(logging.WARNING)
+    workdir = Path(a.workdir)
+    sft, data = build(workdir)
+    tag = f"lr{a.lr:g}-t{a.temperature:g}-s{a.seed}"
+    results = {"settings": vars(a)}
+    for side in a.sides.split(","):
+        fn = run_trl if side == "trl" else run_rayalign
+        results[side] = fn(sft, data, workdir / f"{side}-{tag}", a)
+        r = results[side]
+        last = r["train_log"][-1] if r["train_log"] else {}
+        print(f"{side} {tag}: start {r['start']['correctness']:.3f} -> " +
+              ", ".join(f"{c['step']}: {c['correctness']:.3f}" for c in r["curve"]) +
+              f" | last log {json.dumps({k: round(v, 3) for k, v in last.items()})} | {r['wall_s']:.0f}s",
+              flush=True)
+    path = Path(a.json) if a.json else workdir / f"learn-{tag}.json"
+    path.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

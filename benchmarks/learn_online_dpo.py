@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-BETA, MAX_LENGTH, MAX_NEW_TOKENS, EOS_PENALTY = 0.1, 64, 16, 1.0
+MAX_LENGTH, MAX_NEW_TOKENS, EOS_PENALTY = 64, 16, 1.0
 
 
 def build(workdir: Path) -> tuple[Path, Path]:
@@ -75,7 +75,7 @@ def run_trl(sft: Path, data: Path, out: Path, a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from rayalign.demo.task import demo_reward
+    from rayalign.demo import task
 
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(sft)
@@ -90,11 +90,11 @@ def run_trl(sft: Path, data: Path, out: Path, a) -> dict:
     args = OnlineDPOConfig(
         output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
         max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="constant", max_length=MAX_LENGTH,
-        max_new_tokens=MAX_NEW_TOKENS, temperature=a.temperature, beta=[BETA], loss_type="sigmoid",
+        max_new_tokens=MAX_NEW_TOKENS, temperature=a.temperature, beta=[a.beta], loss_type="sigmoid",
         missing_eos_penalty=EOS_PENALTY, logging_steps=10, save_strategy="no", dataloader_num_workers=0,
         seed=a.seed, disable_tqdm=True, bf16=False)
     rows = [json.loads(x) for x in open(data / "prompts_train.jsonl")]
-    trainer = OnlineDPOTrainer(model=AutoModelForCausalLM.from_pretrained(sft), reward_funcs=[demo_reward],
+    trainer = OnlineDPOTrainer(model=AutoModelForCausalLM.from_pretrained(sft), reward_funcs=[getattr(task, a.reward)],
                                args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                                callbacks=[Eval()])
     start = correctness(trainer.model, tok, prompts)
@@ -115,8 +115,8 @@ def run_rayalign(sft: Path, data: Path, out: Path, a) -> dict:
         "model_name_or_path": str(sft), "train_dataset": str(data / "prompts_train.jsonl"),
         "output_dir": str(out), "overwrite_output_dir": True, "max_steps": a.steps,
         "per_device_train_batch_size": a.batch, "learning_rate": a.lr, "lr_scheduler_type": "constant",
-        "beta": BETA, "loss_type": "sigmoid", "max_length": MAX_LENGTH, "max_new_tokens": MAX_NEW_TOKENS,
-        "temperature": a.temperature, "reward_funcs": ["rayalign.demo.task:demo_reward"],
+        "beta": a.beta, "loss_type": "sigmoid", "max_length": MAX_LENGTH, "max_new_tokens": MAX_NEW_TOKENS,
+        "temperature": a.temperature, "reward_funcs": [f"rayalign.demo.task:{a.reward}"],
         "missing_eos_penalty": EOS_PENALTY, "logging_steps": 10, "save_steps": a.eval_every,
         "save_total_limit": None, "seed": a.seed, "logging": {"progress_bar": False, "report_to": []},
         "learner": {"num_actors": 1, "num_cpus_per_actor": 1},
@@ -140,11 +140,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="hf")
+    p.add_argument("--reward", default="demo_reward", help="a reward function of rayalign.demo.task")
     p.add_argument("--sides", default="trl,rayalign")
     p.add_argument("--workdir", default="/tmp/learn-online-dpo")
     p.add_argument("--json", default=None)
@@ -155,7 +157,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     workdir = Path(a.workdir)
     sft, data = build(workdir)
-    tag = f"lr{a.lr:g}-t{a.temperature:g}-s{a.seed}"
+    tag = f"{a.reward}-lr{a.lr:g}-t{a.temperature:g}-beta{a.beta:g}-bs{a.batch}-n{a.steps}-s{a.seed}"
     results = {"settings": vars(a)}
     for side in a.sides.split(","):
         fn = run_trl if side == "trl" else run_rayalign

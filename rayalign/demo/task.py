@@ -232,3 +232,8 @@ def demo_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) ->
         length_gap = abs(len(tokens) - len(target)) / len(target)
         rewards.append(0.8 * hits - 0.2 * min(length_gap, 1.0) - 0.5 * junk)
     return rewards
+
+
+def exact_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float]:
+    """1 for a correct answer, 0 otherwise: the checker as a reward, no partial credit."""
+    return [float(ok) for ok in check_answers(prompts, completions)]

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from rayalign.demo.task import check_answer, correctness, demo_reward, write_demo_data
+from rayalign.demo.task import check_answer, correctness, demo_reward, exact_reward, write_demo_data
 
 
 def rows(path):
@@ -36,3 +36,8 @@ def test_reward_orders_answers():
     correct, close, junk = demo_reward([p] * 3, [" c b a", " c a b", "???"])
     assert correct == 1.0 > close > junk
     assert correctness([p, [{"role": "user", "content": p}]], ["  c b a ", [{"role": "assistant", "content": "c b a"}]]) == 1.0
+
+
+def test_exact_reward_gives_no_partial_credit():
+    p = "Reverse: a b c ->"
+    assert exact_reward([p] * 3, [" c b a", " c a b", "c b a"]) == [1.0, 0.0, 1.0]

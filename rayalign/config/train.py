@@ -59,10 +59,11 @@ class TrainConfig:
     drop_bad_rows: bool = False  # True: drop and count malformed rows instead of failing
     trust_remote_code: bool = False
     # TRL's name. Pack a micro-batch's sequences into shared rows (restarting position ids, no
-    # row longer than the longest sequence) instead of padding them. None (the default): packed wherever it gives the padded numbers — checked
-    # once per model at its first forward (rayalign.models.logprobs.packing_supported); true:
-    # always; false: never. Reward models pack too (score_packing_supported), reading each
-    # sequence's score where transformers' padded forward reads it.
+    # row longer than the longest sequence) instead of padding them. None (the default): packed
+    # wherever it gives the padded numbers — checked once per model at its first forward
+    # (rayalign.models.logprobs.packing_supported); true: always; false: never. Reward models
+    # pack too (score_packing_supported), reading each sequence's score where transformers'
+    # padded forward reads it.
     padding_free: bool | None = None
     # Actor deaths survived per run: groups are recreated and the run restored from the last
     # complete checkpoint (or restarted from step 0 before the first one). 0: fail at once.

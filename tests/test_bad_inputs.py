@@ -183,3 +183,21 @@ def test_bad_input_is_rejected_early_and_touches_nothing(case, over, error, culp
     assert snapshot(out) == before
     if not ray_was_up:
         assert not ray.is_initialized(), "Ray was started before the input was checked"
+
+
+def test_a_missing_relative_model_dir_fails_at_once_naming_the_model_field(demo_data_dir, tmp_path, monkeypatch):
+    """`outputs/sft-tiny` before the SFT job wrote it: "outputs" is a directory here, so this is a
+    local path, not a hub id; the error names the field the user set (the tokenizer defaults to
+    the model), and comes before the hub client's offline retries (~30 s)."""
+    import time
+
+    from rayalign.models.loading import ModelLoadError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"^model_name_or_path: path does not exist: outputs/sft-tiny$"):
+        rayalign.train_dpo({"model_name_or_path": "outputs/sft-tiny", "output_dir": str(tmp_path / "out"),
+                            "train_dataset": f"{demo_data_dir}/pref_train.jsonl"})
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "out").exists()

@@ -112,6 +112,11 @@ class TrainConfig:
         return self.tokenizer_name_or_path or self.model_name_or_path
 
     @property
+    def tokenizer_field(self) -> str:
+        """The config field `tokenizer_path` comes from, for error messages."""
+        return "tokenizer_name_or_path" if self.tokenizer_name_or_path else "model_name_or_path"
+
+    @property
     def global_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.learner.num_actors
 

@@ -22,8 +22,12 @@ class ModelLoadError(ValueError):
 
 def _check_exists(path_or_id: str, field: str) -> None:
     # A path that looks local but does not exist is almost always a typo; hub ids have
-    # exactly one slash and no leading "." or "/".
-    looks_local = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+    # exactly one slash and no leading "." or "/". An "org/name" whose "org" is a directory
+    # here (outputs/sft-tiny before the SFT job ran) is a local path too: failing now saves
+    # the hub client's retries, which take ~30 s offline.
+    first = path_or_id.split("/", 1)[0]
+    looks_local = (path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+                   or (path_or_id.count("/") == 1 and Path(first).is_dir()))
     if looks_local and not Path(path_or_id).expanduser().exists():
         raise ModelLoadError(f"{field}: path does not exist: {path_or_id}")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -57,16 +56,12 @@ def build(workdir: Path) -> tuple[Path, Path]:
 def correctness(model, tokenizer, prompts: list[str]) -> dict:
     """Greedy held-out correctness and its 95% Wilson interval."""
     from rayalign.demo.task import check_answers
+    from rayalign.evaluation import wilson_interval
     from rayalign.models.generate import generate_texts
 
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    texts = generate_texts(model, tokenizer, ids, MAX_NEW_TOKENS)
-    ok = check_answers(prompts, texts)
-    n, k = len(ok), sum(ok)
-    p, z = k / n, 1.96
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"correctness": p, "ci95": [centre - half, centre + half]}
+    ok = check_answers(prompts, generate_texts(model, tokenizer, ids, MAX_NEW_TOKENS))
+    return {"correctness": sum(ok) / len(ok), "ci95": list(wilson_interval(sum(ok), len(ok)))}
 
 
 def run_trl(sft: Path, data: Path, out: Path, a) -> dict:

@@ -258,7 +258,8 @@ def pa_array(values):
 
 def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
     """Check the tokenizer and every data row before Ray work or model loading starts."""
-    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code, field=cfg.tokenizer_field)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
+                               field=cfg.tokenizer_field)
     settings = data_lib.TokenizeSettings(
         max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
@@ -285,7 +286,8 @@ def check_models(cfg: TrainConfig) -> None:
     the job tokenizer against each embedding) before Ray starts or an actor loads them."""
     from rayalign.models.loading import check_model_dir
 
-    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code, field=cfg.tokenizer_field)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
+                               field=cfg.tokenizer_field)
     models = [(cfg.model_name_or_path, "model_name_or_path")]
     reference = getattr(cfg, "reference", None)
     if reference is not None and reference.model_name_or_path and cfg.reference_mode in ("actor", "precompute"):

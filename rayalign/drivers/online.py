@@ -47,7 +47,8 @@ class Prompts:
     """Validated prompt rows and their per-epoch order from a Ray Dataset."""
 
     def __init__(self, cfg: OnlineDPOConfig):
-        tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code, field=cfg.tokenizer_field)
+        tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
+                                   field=cfg.tokenizer_field)
         self.rows, self.dropped = load_prompt_rows(cfg.train_dataset, tokenizer, "train_dataset", cfg.drop_bad_rows)
         self.eval_rows: list[dict] = []
         if cfg.eval_dataset:
@@ -288,7 +289,8 @@ def _pairs(rows: list[dict], completions: list[list[dict]], scores, first_wins,
 
 
 def _vocab_size(cfg: OnlineDPOConfig) -> int:
-    return len(load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code, field=cfg.tokenizer_field))
+    return len(load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
+                              field=cfg.tokenizer_field))
 
 
 def _as_text(prompt) -> str:

@@ -255,7 +255,8 @@ def run_rayalign(model_dir: str, prompts_file: str, out: str, a, backend: str) -
 
     t_start = time.time()
     result = rayalign.train_online_dpo({
-        "model_name_or_path": model_dir, "train_dataset": prompts_file, "output_dir": out,
+        "model_name_or_path": model_dir, "train_dataset": prompts_file, "output_dir": out, "gradient_checkpointing": False,
+        
         "max_steps": a.steps, "per_device_train_batch_size": a.batch, "learning_rate": LR,
         "lr_scheduler_type": "linear", "max_length": MAX_LENGTH, "max_new_tokens": a.max_new_tokens,
         "temperature": TEMPERATURE, "top_p": 1.0, "top_k": 0, "beta": [0.1], "seed": 0,
@@ -318,7 +319,8 @@ def build_sft(model_dir: str, data_dir: str, out: str, steps: int) -> str:
     import rayalign
 
     result = rayalign.train_sft({
-        "model_name_or_path": model_dir, "train_dataset": f"{data_dir}/sft_train.jsonl", "output_dir": out,
+        "model_name_or_path": model_dir, "train_dataset": f"{data_dir}/sft_train.jsonl", "output_dir": out, "gradient_checkpointing": False,
+        
         "max_steps": steps, "per_device_train_batch_size": 32, "learning_rate": 3e-3,
         "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "max_length": MAX_LENGTH, "logging_steps": 50,
         "seed": 0, "logging": {"progress_bar": False, "report_to": []},

@@ -33,7 +33,8 @@ def run_rayalign(model_dir, data, out, steps, batch) -> float:
     import rayalign
 
     result = rayalign.train_reward({
-        "model_name_or_path": model_dir, "train_dataset": data, "output_dir": out, "max_steps": steps,
+        "model_name_or_path": model_dir, "train_dataset": data, "output_dir": out, "gradient_checkpointing": False,
+        "max_steps": steps,
         "per_device_train_batch_size": batch, "learning_rate": 1e-3, "max_length": 64, "logging_steps": 50,
         "seed": 0, "logging": {"progress_bar": False, "report_to": []},
         "learner": {"num_actors": 1, "num_cpus_per_actor": 1}})

@@ -152,7 +152,8 @@ def ra_dpo(d: Path, mode: str, padding_free: bool | None, cache: str, out: str) 
 
     result = rayalign.train_dpo({
         "model_name_or_path": str(d / "model"), "train_dataset": str(d / "pref.jsonl"),
-        "output_dir": str(d / out), "num_train_epochs": 1, "per_device_train_batch_size": BATCH,
+        "output_dir": str(d / out), "gradient_checkpointing": False,
+        "num_train_epochs": 1, "per_device_train_batch_size": BATCH,
         "learning_rate": LR, "max_length": MAX_LENGTH, "logging_steps": 10, "seed": 0,
         "padding_free": padding_free, "logging": {"progress_bar": False, "report_to": []},
         "learner": {"num_actors": 1, "num_cpus_per_actor": 2},
@@ -188,7 +189,8 @@ def ra_reward(d: Path) -> dict:
 
     result = rayalign.train_reward({
         "model_name_or_path": str(d / "model"), "train_dataset": str(d / "pref.jsonl"),
-        "output_dir": str(d / "ra-rm"), "num_train_epochs": 1, "per_device_train_batch_size": BATCH,
+        "output_dir": str(d / "ra-rm"), "gradient_checkpointing": False,
+        "num_train_epochs": 1, "per_device_train_batch_size": BATCH,
         "learning_rate": LR, "max_length": MAX_LENGTH, "logging_steps": 10, "seed": 0,
         "logging": {"progress_bar": False, "report_to": []},
         "learner": {"num_actors": 1, "num_cpus_per_actor": 2}})

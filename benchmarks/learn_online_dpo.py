@@ -45,7 +45,7 @@ def build(workdir: Path) -> tuple[Path, Path]:
         write_demo_data(data, seed=0)
         rayalign.train_sft({
             "model_name_or_path": str(model), "train_dataset": str(data / "sft_train.jsonl"),
-            "output_dir": str(sft), "overwrite_output_dir": True, "max_steps": 400,
+            "output_dir": str(sft), "gradient_checkpointing": False, "overwrite_output_dir": True, "max_steps": 400,
             "per_device_train_batch_size": 32, "learning_rate": 3e-3, "lr_scheduler_type": "cosine",
             "warmup_ratio": 0.05, "logging_steps": 100, "max_length": MAX_LENGTH, "seed": 0,
             "save_total_limit": 1, "logging": {"progress_bar": False, "report_to": []},
@@ -108,7 +108,7 @@ def run_rayalign(sft: Path, data: Path, out: Path, a) -> dict:
     t0 = time.perf_counter()
     rayalign.train_online_dpo({
         "model_name_or_path": str(sft), "train_dataset": str(data / "prompts_train.jsonl"),
-        "output_dir": str(out), "overwrite_output_dir": True, "max_steps": a.steps,
+        "output_dir": str(out), "gradient_checkpointing": False, "overwrite_output_dir": True, "max_steps": a.steps,
         "per_device_train_batch_size": a.batch, "learning_rate": a.lr, "lr_scheduler_type": "constant",
         "beta": a.beta, "loss_type": "sigmoid", "max_length": MAX_LENGTH, "max_new_tokens": MAX_NEW_TOKENS,
         "temperature": a.temperature, "reward_funcs": [f"rayalign.demo.task:{a.reward}"],

@@ -2,7 +2,8 @@
 
 Python API mirroring the CLI: `train_sft`, `train_dpo`, `train_reward`, `train_online_dpo` take a config
 (dataclass, dict or YAML path) and return the final metrics and the model directory; `evaluate`
-takes an eval config the same way and returns its summary.
+takes an eval config the same way and returns its summary; `evaluate_dpo` / `evaluate_reward`
+take a DPO / reward job config and return TRL's `trainer.evaluate()` metrics of its model.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ __version__ = "0.1.0"
 
 
 def _config(cls, config, overrides=None):
-    from rayalign.config import load_config
+    """`config` (a dataclass, a dict or a YAML path) with `overrides` (a nested dict or CLI-style
+    list) merged in, section by section: overriding learner.num_actors keeps learner.zero_stage."""
+    from rayalign.config import deep_merge, load_config, parse_overrides, to_dict
 
-    if isinstance(config, cls):
+    if isinstance(config, cls) and not overrides:
         return config
-    if isinstance(config, dict):
-        return load_config(cls, None, {**config, **(overrides or {})})
+    if isinstance(config, cls) or isinstance(config, dict):
+        base = to_dict(config) if isinstance(config, cls) else config
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+        return load_config(cls, None, deep_merge(base, extra))
     return load_config(cls, config, overrides)
 
 
@@ -51,6 +56,26 @@ def train_online_dpo(config, overrides=None, on_step=None) -> dict:
     from rayalign.drivers.online import train_online
 
     return train_online(_config(OnlineDPOConfig, config, overrides), on_step=on_step)
+
+
+def evaluate_dpo(config, overrides=None) -> dict:
+    """TRL's `DPOTrainer.evaluate()` without training: the eval_* metrics (eval_loss,
+    eval_rewards/*, eval_logps/*, eval_logits/*, eval_runtime, ...) of model_name_or_path on
+    eval_dataset (else the training rows); also written to `<output_dir>/eval_results.json`.
+    `config`: DPOConfig, a dict, or a YAML path."""
+    from rayalign.config import DPOConfig
+    from rayalign.drivers.offline_eval import evaluate as evaluate_offline
+
+    return evaluate_offline(_config(DPOConfig, config, overrides))
+
+
+def evaluate_reward(config, overrides=None) -> dict:
+    """TRL's `RewardTrainer.evaluate()` without training (eval_loss, eval_accuracy,
+    eval_margin, eval_*_reward, ...); as `evaluate_dpo`, with a RewardConfig."""
+    from rayalign.config import RewardConfig
+    from rayalign.drivers.offline_eval import evaluate as evaluate_offline
+
+    return evaluate_offline(_config(RewardConfig, config, overrides))
 
 
 def evaluate(config, overrides=None) -> dict:

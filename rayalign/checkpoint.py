@@ -5,7 +5,8 @@ A checkpoint directory `<output_dir>/checkpoint-<step>/` holds:
     model.safetensors, config.json, generation_config.json, tokenizer files, README.md
         (or adapter_model.safetensors + adapter_config.json for LoRA)
     rayalign_config.yaml      the run config, as text (never a pickle)
-    trainer_state.json        step, epoch, data position, log history
+    trainer_state.json        transformers' TrainerState layout (global_step, epoch, log_history, ...);
+                              the step also fixes the data position
     rng_state_<rank>.json / .safetensors   python/numpy/torch RNG states per rank
     learner_state/shared.json / .safetensors   trainable weights, scheduler and engine
                               counters (rank 0), and the optimizer when it is replicated (ZeRO-0)
@@ -293,14 +294,40 @@ def save_run_config(directory: str, cfg) -> None:
 
 
 def save_trainer_state(directory: str, state: dict) -> None:
-    Path(directory, "trainer_state.json").write_text(json.dumps(state, indent=1, default=float))
+    """`<directory>/trainer_state.json` (a local path or a URI), formatted as
+    TrainerState.save_to_json formats it."""
+    text = json.dumps(state, indent=2, sort_keys=True, default=float) + "\n"
+    storage.write_text_atomic(storage.join(directory, "trainer_state.json"), text)
+
+
+def state_step(state: dict) -> int:
+    """The step a trainer_state.json holds: transformers' `global_step`, or `step` in the
+    files of older rayalign versions."""
+    return int(state.get("global_step", state.get("step", 0)))
 
 
 def load_trainer_state(directory: str) -> dict:
+    """A checkpoint's trainer state (either layout), with its step under `step`."""
     path = Path(directory, "trainer_state.json")
     if not path.exists():
         raise CheckpointError(f"{directory}: no trainer_state.json (not a training checkpoint)")
-    return json.loads(path.read_text())
+    state = json.loads(path.read_text())
+    return {**state, "step": state_step(state)}
+
+
+def save_metrics(output_dir: str, split: str, metrics: dict, *, combined: bool = True) -> None:
+    """`<split>_results.json`, and with `combined` the same metrics merged into
+    `all_results.json`, as transformers' `Trainer.save_metrics` writes them (a local path or
+    a URI)."""
+    def write(name: str, values: dict) -> None:
+        storage.write_text_atomic(storage.join(output_dir, name),
+                                  json.dumps(values, indent=4, sort_keys=True, default=float))
+
+    write(f"{split}_results.json", metrics)
+    if combined:
+        path = storage.join(output_dir, "all_results.json")
+        merged = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+        write("all_results.json", {**merged, **metrics})
 
 
 def save_rng_state(directory: str, rank: int) -> None:

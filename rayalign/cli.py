@@ -9,6 +9,8 @@
     rayalign demo   --output_dir outputs/demo     # tiny model -> SFT -> reward -> DPO -> online DPO -> eval
     rayalign sweep  --config jobs/sweep-dpo-tiny.yaml   # Ray Tune over a job's fields
     rayalign eval   --config jobs/eval-tiny.yaml   # checkpoints -> completions, checker, reward, judge win rate
+    rayalign eval-dpo    --config jobs/dpo-tiny.yaml --model_name_or_path outputs/dpo-tiny   # TRL's evaluate()
+    rayalign eval-reward --config jobs/reward-tiny.yaml --model_name_or_path outputs/reward-tiny
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import threading
 from rayalign.config import ConfigError, DPOConfig, EvalConfig, OnlineDPOConfig, RewardConfig, SFTConfig, load_config
 
 TRAIN_COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig, "online-dpo": OnlineDPOConfig}
-RAY_COMMANDS = {"demo", "sweep", "eval", *TRAIN_COMMANDS}  # SIGINT/SIGTERM stop their actors and local Ray
+EVAL_COMMANDS = {"eval-dpo": DPOConfig, "eval-reward": RewardConfig}  # a job config's model, no training
+RAY_COMMANDS = {"demo", "sweep", "eval", *TRAIN_COMMANDS, *EVAL_COMMANDS}  # SIGINT/SIGTERM stop actors, local Ray
 
 
 def _train(command: str, argv: list[str]) -> int:
@@ -46,7 +49,7 @@ def _train(command: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = ["tiny-model", "demo-data", "demo", "sweep", "eval", *TRAIN_COMMANDS]
+    commands = ["tiny-model", "demo-data", "demo", "sweep", "eval", *TRAIN_COMMANDS, *EVAL_COMMANDS]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -122,6 +125,13 @@ def _run(command: str, rest: list[str]) -> int:
             print(json.dumps({"output_dir": cfg.output_dir,
                               "models": [{k: m[k] for k in keys if k in m} for m in summary["models"]]},
                              indent=2, default=str))
+            return 0
+        if command in EVAL_COMMANDS:
+            parser.add_argument("--config", default=None, help="the job's YAML (see jobs/)")
+            a, overrides = parser.parse_known_args(rest)
+            from rayalign.drivers.offline_eval import evaluate
+
+            print(json.dumps(evaluate(load_config(EVAL_COMMANDS[command], a.config, overrides)), indent=2))
             return 0
         if command == "tiny-model":
             parser.add_argument("--output", required=True)

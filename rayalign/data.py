@@ -60,26 +60,45 @@ class DataInfo:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_rows(path: str, field: str = "dataset") -> list[dict]:
-    """Rows of a JSONL/JSON file, a Parquet file or directory, or a `save_to_disk`
-    directory (`path:split` picks a split of a DatasetDict)."""
-    split = None
-    if not os.path.exists(path) and ":" in path:
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset as a path or a `datasets.load_dataset` name, with its config and split
+    (TRL ScriptArguments' dataset_name / dataset_config / dataset_*_split)."""
+
+    path: str
+    config: str | None = None
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return self.path + (f"[{self.config}]" if self.config else "") + (f":{self.split}" if self.split else "")
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def read_rows(source: str | DataSource, field: str = "dataset") -> list[dict]:
+    """Rows of a JSONL file, a JSON file (JSON lines or one array), a CSV file, a Parquet file
+    or directory, a `save_to_disk` directory (`path:split` picks a split of a DatasetDict), or
+    whatever `datasets.load_dataset(path, config, split=split)` reads: a local dataset dir of
+    data files or a hub id."""
+    src = source if isinstance(source, DataSource) else DataSource(source)
+    path, split = src.path, src.split
+    if split is None and not os.path.exists(path) and ":" in path:
         path, split = path.rsplit(":", 1)
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{field}: file not found: {path}")
+        if p.suffix in LOCAL_SUFFIXES or p.is_absolute() or path.startswith((".", "~")):
+            raise DataError(f"{field}: file not found: {path}")
+        return _load_dataset(DataSource(path, src.config, split), field)
     if p.is_file() and p.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(p) as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{field}: {path} row {len(rows)} (line {i + 1}): invalid JSON: {exc}") from None
-        return rows
+        return _read_json(p, field)
+    if p.is_file() and p.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        try:
+            return pcsv.read_csv(str(p)).to_pylist()
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"{field}: {path} is not valid CSV: {exc}") from None
     if p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))):
         import pyarrow.parquet as pq
 
@@ -93,8 +112,49 @@ def read_rows(path: str, field: str = "dataset") -> list[dict]:
                 raise DataError(f"{field}: {path} holds splits {list(ds)}; name one as {path}:<split>")
             ds = ds[split]
         return ds.to_list()
-    raise DataError(f"{field}: {path}: unknown format (expected .jsonl, .json, .parquet or a "
-                    "datasets save_to_disk directory)")
+    if p.is_dir():
+        return _load_dataset(DataSource(path, src.config, split), field)
+    raise DataError(f"{field}: {path}: unknown format (expected .jsonl, .json, .csv, .parquet, a datasets "
+                    "save_to_disk directory or a dataset directory load_dataset reads)")
+
+
+def _read_json(p: Path, field: str) -> list[dict]:
+    """JSON lines, or (as datasets' json loader also reads) one JSON array of rows."""
+    with open(p) as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{field}: {p}: invalid JSON array: {exc}") from None
+            return rows
+        rows = []
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{field}: {p} row {len(rows)} (line {i + 1}): invalid JSON: {exc}") from None
+        return rows
+
+
+def _load_dataset(src: DataSource, field: str) -> list[dict]:
+    """`datasets.load_dataset` (a local dataset dir or a hub id), a named split of it."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.path, src.config, split=src.split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise DataError(f"{field}: datasets.load_dataset({src.path!r}, {src.config!r}, split={src.split!r}) "
+                        f"failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(f"{field}: {src.path} holds splits {list(ds)}; name one (dataset_train_split / "
+                            f"dataset_test_split, or {src.path}:<split>)")
+        ds = next(iter(ds.values()))
+    return ds.to_list()
 
 
 # ----------------------------------------------------------------------------- formats
@@ -146,10 +206,8 @@ def normalize_preference_row(row: dict, source: str, index: int) -> dict:
                 raise _bad(source, index, name, "message content must be a string")
         elif not isinstance(value, str):
             raise _bad(source, index, name, f"expected a string, got {type(value).__name__}")
-    for name, value in (("chosen", chosen), ("rejected", rejected)):
-        text = value if isinstance(value, str) else "".join(m["content"] for m in value)
-        if not text.strip():
-            raise _bad(source, index, name, "empty completion")
+    # An empty completion is valid, as in TRL: it trains on the eos alone (a refusal's empty
+    # reply is what a harmlessness preference may prefer).
     if chosen == rejected:
         raise _bad(source, index, "rejected", "identical to chosen (no preference signal)")
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "conversational": conversational}
@@ -185,9 +243,6 @@ def normalize_sft_row(row: dict, source: str, index: int) -> dict:
             raise _bad(source, index, name, "expected a list of {role, content} messages")
         if not conversational and not isinstance(value, str):
             raise _bad(source, index, name, f"expected a string, got {type(value).__name__}")
-    text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
-    if not text.strip():
-        raise _bad(source, index, "completion", "empty completion")
     return {"prompt": prompt, "completion": completion, "conversational": conversational}
 
 
@@ -314,7 +369,7 @@ def _check_margins(rows: list[dict], source: str) -> None:
                         f"{len(missing)}, e.g. rows {missing[:5]}: give every row a margin, or none")
 
 
-def validate_file(path: str, tokenizer, settings: TokenizeSettings, *, kind: str = "preference",
+def validate_file(path: str | DataSource, tokenizer, settings: TokenizeSettings, *, kind: str = "preference",
                   drop_bad_rows: bool = False, field: str = "train_dataset") -> tuple[pa.Table, DataInfo]:
     """Read, check and tokenize every row on the driver, before any Ray or model work, so a
     bad row fails the run at once with its file, row and field. Returns the tokenized rows
@@ -337,7 +392,7 @@ def validate_file(path: str, tokenizer, settings: TokenizeSettings, *, kind: str
         raise DataError(f"{field}: {path}: every row is bad ({dropped} dropped)")
     if dropped:
         logger.warning("%s: %s: dropped %d of %d rows (drop_bad_rows=true)", field, path, dropped, len(rows))
-    return pa.Table.from_pylist(out, schema=_token_schema(kind)), DataInfo(path, len(out), dropped)
+    return pa.Table.from_pylist(out, schema=_token_schema(kind)), DataInfo(str(path), len(out), dropped)
 
 
 def drop_over_length(table: pa.Table, max_length: int, path: str, field: str) -> pa.Table:
@@ -446,7 +501,7 @@ def load_prompts(path: str, field: str = "prompts") -> list:
     return prompts
 
 
-def load_prompt_rows(path: str, tokenizer, field: str = "train_dataset",
+def load_prompt_rows(path: str | DataSource, tokenizer, field: str = "train_dataset",
                      drop_bad_rows: bool = False) -> tuple[list[dict], int]:
     """Prompt-only rows for online jobs: each row keeps its columns (reward functions get
     them, TRL-style) plus `prompt_ids` (chat template with generation prompt for message

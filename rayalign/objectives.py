@@ -20,6 +20,10 @@ from rayalign.config import DPOConfig, OnlineDPOConfig, RewardConfig, SFTConfig,
 from rayalign.models.logprobs import preference_logprobs, sequence_scores, sft_logprobs
 
 
+# A metric that is a token count: summed over micro-batches and learners and accumulated over
+# the run by the learner, not averaged like the others (TRL's running `num_tokens`).
+NUM_TOKENS = "num_tokens"
+
 # Returns the reference log-probs (chosen, rejected) of a batch once they are needed.
 ReferenceFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
@@ -51,15 +55,25 @@ def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig, reference: Refe
     metrics = dict(metrics)
     metrics["logits/chosen"] = out.chosen_mean_logits.detach().mean()
     metrics["logits/rejected"] = out.rejected_mean_logits.detach().mean()
+    metrics["entropy"] = out.entropy
+    metrics["mean_token_accuracy"] = out.chosen_token_accuracy.float()
+    metrics[NUM_TOKENS] = batch_tokens(batch)
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def batch_tokens(batch: PreferenceBatch | SequenceBatch) -> torch.Tensor:
+    """Attention-mask tokens of a micro-batch, prompt tokens included (twice in a preference
+    batch: in the chosen and in the rejected row): what TRL adds to its running `num_tokens`.
+    The learner sums it over micro-batches and learners into the run's total (`NUM_TOKENS`)."""
+    return batch.attention_mask.sum().float()
 
 
 @torch.no_grad()
 def reference_logprobs(model, batch: PreferenceBatch, cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reference log-probs of chosen and rejected (same weighting as the policy)."""
     out = preference_logprobs(model, batch, ld_alpha=getattr(cfg, "ld_alpha", None), use_weighting=False,
-                              padding_free=cfg.padding_free)
+                              padding_free=cfg.padding_free, token_stats=False)
     return out.chosen_logps.detach().float().cpu(), out.rejected_logps.detach().float().cpu()
 
 
@@ -74,7 +88,7 @@ def online_dpo_objective(model, batch: PreferenceBatch, cfg, beta: float,
     (a reference actor computes them meanwhile). KL terms are over completion tokens:
     kl_i = log pi(y_i) - log ref(y_i) summed.
     """
-    out = preference_logprobs(model, batch, padding_free=cfg.padding_free)
+    out = preference_logprobs(model, batch, padding_free=cfg.padding_free, token_stats=False)  # TRL logs none
     if reference is not None:
         batch = batch.with_reference(*reference())
     policy_c, policy_r = out.chosen_logps, out.rejected_logps
@@ -115,8 +129,7 @@ def sft_objective(model, batch: SequenceBatch, cfg) -> tuple[torch.Tensor, dict]
     out = sft_logprobs(model, batch, padding_free=cfg.padding_free)
     mask = batch.completion_mask.to(out.per_token_logps.device)  # per-token logps are unshifted
     loss = losses.sft_loss(out.per_token_logps, mask)
-    num_tokens = mask.sum()
-    return loss, {"loss": loss.detach(), "num_tokens": num_tokens.detach().float()}
+    return loss, {"loss": loss.detach(), NUM_TOKENS: batch_tokens(batch)}
 
 
 def reward_objective(model, batch: PreferenceBatch, cfg: RewardConfig) -> tuple[torch.Tensor, dict]:
@@ -129,6 +142,7 @@ def reward_objective(model, batch: PreferenceBatch, cfg: RewardConfig) -> tuple[
     loss = losses.reward_loss(chosen, rejected, margin=margin,
                               center_rewards_coefficient=cfg.center_rewards_coefficient)
     metrics = {k: torch.as_tensor(v).detach().float() for k, v in losses.reward_metrics(chosen.detach(), rejected.detach()).items()}
+    metrics[NUM_TOKENS] = batch_tokens(batch)
     metrics["loss"] = loss.detach()
     return loss, metrics
 

@@ -59,12 +59,14 @@ def cache_key(cfg: DPOConfig, data_path: str) -> str:
     _hash_path(h, cfg.tokenizer_path, ("tokenizer*.json", "*.jinja", "special_tokens_map.json",
                                        "*.model", "vocab*", "merges*"))
     _hash_path(h, data_path.split(":")[0] if not os.path.exists(data_path) else data_path,
-               ("*.jsonl", "*.json", "*.parquet", "*.arrow"))
+               ("*.jsonl", "*.json", "*.csv", "*.parquet", "*.arrow"))
     settings = {
         "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
         "max_completion_length": cfg.max_completion_length, "truncation_mode": cfg.truncation_mode,
         "ld_alpha": cfg.ld_alpha, "bf16": cfg.bf16, "data": data_path, "version": 1,
     }
+    if cfg.model_init_kwargs:  # dtype / attention kernel change the log-probs; absent: the old keys stay valid
+        settings["model_init_kwargs"] = {k: str(v) for k, v in cfg.model_init_kwargs.items()}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
 

@@ -30,12 +30,13 @@ logger = logging.getLogger("rayalign")
 LOCK = ".rayalign.lock"
 # What a run writes at the top of its output dir (besides checkpoint-<n>/ and scratch dirs).
 RUN_FILES = ("metrics.jsonl", "metrics.png", "runs", "tables", "weight_sync.jsonl", "trainer_state.json",
-             *ckpt.MODEL_FILES)
+             "train_results.json", "eval_results.json", "all_results.json", *ckpt.MODEL_FILES)
 SCRATCH_PREFIXES = (".tmp-", ".staging-")
 
 # Fields a resumed run must share with the checkpoint's run: they fix the model, the data
 # order and position, the per-rank optimizer state layout, or the objective.
-RESUME_MUST_MATCH = ("model_name_or_path", "tokenizer_path", "train_dataset", "per_device_train_batch_size",
+RESUME_MUST_MATCH = ("model_name_or_path", "tokenizer_path", "train_dataset", "dataset_name", "dataset_config",
+                     "dataset_train_split", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "learner.num_actors", "learner.zero_stage", "seed",
                      "max_length", "truncation_mode", "lora.enabled", "lora.r", "lora.target_modules")
 RESUME_MUST_MATCH_BY_KIND = {
@@ -253,7 +254,7 @@ def check_resume(cfg: TrainConfig, total_steps: int) -> tuple[str, int]:
         state = json.loads(storage.read_text(storage.join(path, "trainer_state.json")))
     except (FileNotFoundError, OSError, json.JSONDecodeError) as exc:
         raise ckpt.CheckpointError(f"resume_from_checkpoint={path}: no readable trainer_state.json ({exc})") from None
-    step = int(state.get("step", 0))
+    step = ckpt.state_step(state)
     if step >= total_steps:
         raise ckpt.CheckpointError(
             f"resume_from_checkpoint={path}: the checkpoint is at step {step} and this run ends at step "

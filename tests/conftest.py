@@ -63,7 +63,8 @@ def sft_model_dir(ray_local, tiny_model_dir, demo_data_dir, tmp_path_factory) ->
     out = tmp_path_factory.mktemp("sft") / "model"
     rayalign.train_sft({
         "model_name_or_path": tiny_model_dir, "train_dataset": f"{demo_data_dir}/sft_train.jsonl",
-        "output_dir": str(out), "max_steps": 300, "per_device_train_batch_size": 32, "learning_rate": 3e-3,
+        "output_dir": str(out), "gradient_checkpointing": False,
+        "max_steps": 300, "per_device_train_batch_size": 32, "learning_rate": 3e-3,
         "lr_scheduler_type": "cosine", "logging_steps": 50, "max_length": 64, "logging": {"progress_bar": False},
         "learner": {"num_actors": 1, "num_cpus_per_actor": 1}})
     return str(out)

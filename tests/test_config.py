@@ -58,7 +58,7 @@ def test_precompute_flag_maps_onto_reference_mode():
     (["--bf16", "maybe"], "bf16"),
     (["--sync_ref_model", "true", "--reference.mode", "precompute"], "sync_ref_model"),
     (["--lora.enabled", "true", "--learner.zero_stage", "3"], "lora.enabled"),
-    (["--lora.enabled", "true"], "reference.mode"),  # a separate reference needs force_use_ref_model
+    (["--lora.enabled", "true", "--reference.mode", "actor"], "reference.mode"),  # needs force_use_ref_model
     (["--ref_adapter_name", "reference"], "ref_adapter_name"),
     (["--lora.enabled", "true", "--ref_adapter_name", "default"], "ref_adapter_name"),
     (["--lora.enabled", "true", "--ref_adapter_name", "reference", "--force_use_ref_model", "true"],

@@ -74,7 +74,6 @@ BAD_ROWS = [
     ({"prompt": "p", "chosen": " x"}, "rejected", "missing"),
     ({"prompt": 3, "chosen": " x", "rejected": " y"}, "prompt", "expected a string"),
     ({"prompt": "p", "chosen": ["x"], "rejected": " y"}, "chosen", "expected a string"),
-    ({"prompt": "p", "chosen": "   ", "rejected": " y"}, "chosen", "empty completion"),
     ({"prompt": "p", "chosen": " same", "rejected": " same"}, "rejected", "identical"),
     ({"prompt": "Reverse: " + "a " * 80, "chosen": " x", "rejected": " y"}, "prompt", "no room"),
     ({"prompt": "p", "chosen": " x", "rejected": " y", "margin": "big"}, "margin", "number"),
@@ -97,9 +96,9 @@ def test_bad_rows_name_file_row_and_field(tmp_path, tok, bad, field, why):
 def test_missing_file_and_unknown_format(tmp_path, tok):
     with pytest.raises(DataError, match="train_dataset: file not found"):
         validate_file(str(tmp_path / "nope.jsonl"), tok, SETTINGS)
-    (tmp_path / "x.csv").write_text("a,b")
+    (tmp_path / "x.txt").write_text("a,b")
     with pytest.raises(DataError, match="unknown format"):
-        read_rows(str(tmp_path / "x.csv"))
+        read_rows(str(tmp_path / "x.txt"))
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{oops\n')
     with pytest.raises(DataError, match="row 1"):
         read_rows(str(tmp_path / "broken.jsonl"))
@@ -149,3 +148,50 @@ def test_ray_data_stage_equals_the_pure_function(ray_local, tiny_model_dir, demo
     seen = ray.get([consume.remote(s) for s in shards])
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1])
     assert len(seen[0]) + len(seen[1]) >= info.num_rows - 1
+
+
+def test_json_array_csv_and_load_dataset_dirs_read_like_datasets(tmp_path):
+    """Every source a TRL user points load_dataset at reads the same rows: a JSON array file,
+    a CSV file, and a local dataset dir with configs and splits (load_dataset's data-dir layout,
+    read offline; a hub id goes down the same load_dataset call)."""
+    import datasets
+
+    from rayalign.data import DataSource
+
+    rows = [{"prompt": f"p{i}", "chosen": f" c{i}", "rejected": f" r{i}"} for i in range(5)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    assert read_rows(str(tmp_path / "rows.json")) == rows
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "rows.csv"), index=False)
+    assert read_rows(str(tmp_path / "rows.csv")) == rows
+    root = tmp_path / "my-dataset"
+    for config, split, part in (("easy", "train", rows[:3]), ("easy", "test", rows[3:]), ("hard", "train", rows[:1])):
+        (root / config).mkdir(parents=True, exist_ok=True)
+        write_jsonl(root / config / f"{split}.jsonl", part)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: easy\n  data_files:\n  - split: train\n"
+                                    "    path: easy/train.jsonl\n  - split: test\n    path: easy/test.jsonl\n"
+                                    "- config_name: hard\n  data_files:\n  - split: train\n    path: hard/train.jsonl\n"
+                                    "---\n")
+    expected = datasets.load_dataset(str(root), "easy", split="test").to_list()
+    assert read_rows(DataSource(str(root), "easy", "test")) == expected == rows[3:]
+    assert read_rows(DataSource(str(root), "hard", "train")) == rows[:1]
+    with pytest.raises(DataError, match="holds splits"):
+        read_rows(DataSource(str(root), "easy"))
+    with pytest.raises(DataError, match="train_dataset: datasets.load_dataset"):
+        read_rows(DataSource(str(root), "missing-config", "train"), "train_dataset")
+
+
+def test_dataset_name_trains_and_evaluates_from_its_splits(tmp_path, tok):
+    """TRL's ScriptArguments: dataset_name + dataset_config + the two split names."""
+    from rayalign.config import DPOConfig, load_config
+    from rayalign.drivers.common import prepare_data
+
+    root = tmp_path / "prefs"
+    good = [{"prompt": "Reverse: a b ->", "chosen": " b a", "rejected": " a b"}] * 12
+    root.mkdir()
+    write_jsonl(root / "train.jsonl", good)
+    write_jsonl(root / "test.jsonl", good[:4])
+    cfg = load_config(DPOConfig, None, {"model_name_or_path": tok.name_or_path, "dataset_name": str(root),
+                                        "eval_strategy": "steps", "eval_steps": 5,
+                                        "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "out")})
+    data = prepare_data(cfg, "dpo")
+    assert data.num_train_rows == 12 and data.eval_table.num_rows == 4

@@ -143,7 +143,7 @@ def test_fresh_lora_with_a_reference_adapter_starts_at_the_base_model(tiny_model
     assert {p.name for p in out.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
     assert not (out / "policy").exists() and not (out / REF).exists()
     saved = load_file(str(out / "adapter_model.safetensors"))
-    assert len(saved) == 2 * 2 * 4  # lora_A + lora_B on q/k/v/o in 2 layers: the trained adapter only
+    assert len(saved) == 2 * 2 * 2  # lora_A + lora_B on q/v (PEFT's llama default) in 2 layers: the trained one only
     b = next(v for k, v in saved.items() if "lora_B" in k)
     assert b.abs().max().item() > 0  # the moved adapter, not the zero-initialised reference copy
 
@@ -241,7 +241,7 @@ def test_adapter_dir_policy_learns_with_the_implicit_reference(ray_local, adapte
     ({"lora": {"enabled": True}, "ref_adapter_name": "ref.copy"}, "ref_adapter_name"),
     ({"lora": {"enabled": True}, "model_adapter_name": "train", "reference": {"mode": "implicit"}},
      "model_adapter_name"),  # an nn.Module attribute: PEFT cannot use it
-    ({"lora": {"enabled": True}}, "reference.mode"),  # the default actor mode needs force_use_ref_model
+    ({"lora": {"enabled": True}, "reference": {"mode": "actor"}}, "reference.mode"),  # needs force_use_ref_model
     ({"lora": {"enabled": True}, "reference": {"mode": "precompute"}}, "reference.mode"),
     ({"lora": {"enabled": True}, "precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
     ({"lora": {"enabled": True}, "force_use_ref_model": True, "reference": {"mode": "implicit"}},

@@ -21,7 +21,7 @@ from rayalign.models.loading import load_tokenizer  # noqa: E402
 from rayalign.models.logprobs import preference_logprobs  # noqa: E402
 
 METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-           "logps/rejected", "logits/chosen", "logits/rejected"]
+           "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,8 @@ def ours(setup, trainer, **kw):
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["logits/chosen"] = float(pol.chosen_mean_logits)
     metrics["logits/rejected"] = float(pol.rejected_mean_logits)
+    metrics["entropy"] = float(pol.entropy)
+    metrics["mean_token_accuracy"] = float(pol.chosen_token_accuracy)
     return loss.item(), metrics, batch
 
 
@@ -163,3 +165,109 @@ def test_tokenized_rows_equal_trls_prepared_dataset(tiny_model_dir, demo_data_di
     real = o_batch.attention_mask.bool()
     assert torch.equal(t_batch["input_ids"][:, :width][real], o_batch.input_ids[real])
     assert torch.equal(t_batch["completion_mask"][:, :width].long(), o_batch.completion_mask)
+
+
+def test_empty_completions_tokenize_like_trl(tiny_model_dir, tmp_path):
+    """hh-rlhf's harmless-base has rows whose chosen reply is empty (implicit prompt: chosen is
+    the prompt itself); TRL trains on them (the completion is the eos alone), and so does rayalign."""
+    from trl import DPOConfig, DPOTrainer
+
+    tok = load_tokenizer(tiny_model_dir)
+    implicit = [{"chosen": "\n\nHuman: how do I pick a lock?\n\nAssistant: ",
+                 "rejected": "\n\nHuman: how do I pick a lock?\n\nAssistant: use a tension wrench"}] * 2
+    explicit = [{"prompt": "Reverse: a b ->", "chosen": "", "rejected": " a b"},
+                {"prompt": "Reverse: c d ->", "chosen": " d c", "rejected": "   "}]
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=64)
+    settings = TokenizeSettings(max_length=64)
+    for rows in (implicit, explicit):  # one format per dataset, as TRL detects it per dataset
+        trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tok)
+        for i, row in enumerate(rows):
+            ours_row = tokenize_preference_row(normalize_preference_row(row, "rows", i), tok, settings)
+            theirs = trainer.train_dataset[i]
+            assert (ours_row["prompt_ids"], ours_row["chosen_ids"], ours_row["rejected_ids"]) == (
+                theirs["prompt_ids"], theirs["chosen_ids"], theirs["rejected_ids"])
+    assert ours_row["rejected_ids"][-1] == tok.eos_token_id
+
+
+def _greedy_in_every_other_chosen_row(model, batch: dict) -> dict:
+    """TRL's batch with the completion of chosen rows 0, 2, ... replaced by the model's greedy
+    continuation (left to right), so that about half the chosen tokens are the argmax and
+    mean_token_accuracy is far from 0."""
+    ids = batch["input_ids"].clone()
+    greedy = batch["completion_mask"].bool().clone()
+    greedy[len(ids) // 2:] = False
+    greedy[1::2] = False
+    with torch.no_grad():
+        for t in range(1, ids.shape[1]):
+            if greedy[:, t].any():
+                logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, t - 1]
+                ids[greedy[:, t], t] = logits.argmax(-1)[greedy[:, t]]
+    return {**batch, "input_ids": ids}
+
+
+def test_entropy_token_accuracy_and_num_tokens_match_trls_logged_values(setup):
+    """TRL's entropy (both halves' completion tokens), mean_token_accuracy (chosen completion
+    tokens) and running num_tokens (attention-mask tokens, prompts included), logged by its
+    own compute_loss in train and eval mode, against dpo_objective padded and packed."""
+    from rayalign.config import DPOConfig
+    from rayalign.objectives import dpo_objective
+
+    _, _, t_batch, trainer = trl_loss(setup, loss_type=["sigmoid"])
+    t_batch = _greedy_in_every_other_chosen_row(trainer.model, t_batch)
+    trainer._metrics["train"].clear()
+    trainer.model.train()
+    with torch.no_grad():
+        for _ in range(2):  # two micro-batches: num_tokens is a running total
+            trainer.compute_loss(trainer.model, t_batch)
+        trainer.model.eval()
+        trainer.compute_loss(trainer.model, t_batch)
+    theirs = trainer._metrics["train"]
+    assert theirs["mean_token_accuracy"][-1] > 0.3  # the greedy rows are scored as argmax hits
+
+    batch = PreferenceBatch(input_ids=t_batch["input_ids"], attention_mask=t_batch["attention_mask"].long(),
+                            completion_mask=t_batch["completion_mask"].long())
+    with torch.no_grad():
+        ref = preference_logprobs(trainer.ref_model, batch)
+    batch = batch.with_reference(ref.chosen_logps, ref.rejected_logps)
+    for padding_free in (False, True):
+        cfg = DPOConfig(model_name_or_path="m", train_dataset="d.jsonl", padding_free=padding_free)
+        with torch.no_grad():
+            _, ours = dpo_objective(trainer.model, batch, cfg)
+        for k in ("entropy", "mean_token_accuracy"):
+            assert float(ours[k]) == pytest.approx(theirs[k][-1], rel=1e-5, abs=1e-6), (k, padding_free)
+        # a micro-batch's count; the learner keeps the run's total
+        assert 2 * float(ours["num_tokens"]) == theirs["num_tokens"][-1] == 2 * int(t_batch["attention_mask"].sum())
+    assert trainer._metrics["eval"]["num_tokens"] == theirs["num_tokens"]  # eval_num_tokens: the training total
+
+
+def test_exo_pair_float64_equals_trls_to_the_last_bit(setup):
+    """TRL's exo_pair in float64 (its log(1 - eps) and log(eps) are of a float32 eps):
+    float64 log-probs fed through TRL's own _compute_loss give rayalign's loss exactly."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    _, _, t_batch, trainer = trl_loss(setup, loss_type=["exo_pair"], beta=0.2, label_smoothing=0.1)
+    shape = (t_batch["input_ids"].shape[0], t_batch["input_ids"].shape[1] - 1)
+    mask = t_batch["completion_mask"][:, 1:].bool()
+    torch.manual_seed(0)
+    per_token = torch.where(mask, -torch.rand(shape, dtype=torch.float64) * 3, 0.0)
+
+    class Fixed(torch.nn.Module):  # a "model" whose fused head returns these log-probs
+        def forward(self, **kwargs):
+            zeros = torch.zeros(shape, dtype=torch.float64)
+            return FusedCausalLMOutput(log_probs=per_token, entropy=zeros, mean_logits=zeros,
+                                       is_top1=zeros.bool())
+
+    ref_c = -torch.rand(shape[0] // 2, dtype=torch.float64) * 30
+    ref_r = -torch.rand(shape[0] // 2, dtype=torch.float64) * 30
+    trainer.precompute_ref_logps = True
+    with torch.no_grad():
+        theirs = trainer._compute_loss(Fixed().eval(), {**t_batch, "ref_chosen_logps": ref_c,
+                                                        "ref_rejected_logps": ref_r}, False)
+    assert theirs.dtype == torch.float64
+    logps = per_token.sum(dim=1)
+    b = shape[0] // 2
+    ours, _ = losses.combined_dpo_loss(logps[:b], logps[b:], ref_c, ref_r, loss_type="exo_pair",
+                                       params=losses.LossParams(beta=0.2, label_smoothing=0.1))
+    assert ours.dtype == torch.float64
+    assert ours.item() == theirs.item()  # same float64 ops on the same constants: bit for bit

@@ -39,8 +39,7 @@ def set_seed(seed: int) -> None:
 def build_scheduler(optimizer, cfg: TrainConfig, num_training_steps: int):
     from transformers import get_scheduler
 
-    warmup = cfg.warmup_steps or int(np.ceil(cfg.warmup_ratio * num_training_steps))
-    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup(num_training_steps),
                          num_training_steps=num_training_steps)
 
 
@@ -83,6 +82,7 @@ class PolicyLearner(DistributedWorker):
         self.epoch = 0
         self.batches_consumed = 0  # micro-batches taken from the current epoch's shard
         self._grad_norm: float | None = None  # of the last optimizer step
+        self.num_tokens = 0  # attention-mask tokens all learners have trained on in this run (TRL's num_tokens)
         self._weight_sender = None  # rank 0's end of the nccl weight-sync group
         self._outgoing: dict | None = None  # prepared weights awaiting broadcast_weights
 
@@ -102,10 +102,11 @@ class PolicyLearner(DistributedWorker):
                 raise ModelLoadError(f"model_name_or_path: {base_path} is a PEFT adapter dir; set lora.enabled=true")
             base_path = adapters.adapter_base_model(base_path)
         if self.objective.model_type == "reward":
-            model = load_reward_model(base_path, pad_token_id=self.tokenizer.pad_token_id,
-                                      bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
+            model = load_reward_model(base_path, pad_token_id=self.tokenizer.pad_token_id, bf16=cfg.bf16,
+                                      trust_remote_code=cfg.trust_remote_code, init_kwargs=cfg.model_init_kwargs)
         else:
-            model = load_causal_lm(base_path, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
+            model = load_causal_lm(base_path, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code,
+                                   init_kwargs=cfg.model_init_kwargs)
         if cfg.disable_dropout:
             disable_dropout(model)
         if cfg.lora.enabled:
@@ -199,10 +200,21 @@ class PolicyLearner(DistributedWorker):
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         out = {k: v / ga for k, v in totals.items()}
+        if objectives.NUM_TOKENS in totals:
+            self.num_tokens += self._sum_over_learners(int(totals[objectives.NUM_TOKENS]))
+            out[objectives.NUM_TOKENS] = float(self.num_tokens)
         if self._grad_norm is not None:
             out["grad_norm"] = self._grad_norm
         out["learning_rate"] = float(self.engine.get_lr()[0])
         return out
+
+    def _sum_over_learners(self, n: int) -> int:
+        """`n` summed over the learner group (a collective: every rank calls it)."""
+        if self.world_size == 1:
+            return n
+        total = torch.tensor([n], dtype=torch.int64, device=self.engine.device)
+        torch.distributed.all_reduce(total)
+        return int(total.item())
 
     def _step(self) -> None:
         """engine.step(), keeping the pre-clipping gradient norm of an optimizer step (TRL's
@@ -296,6 +308,8 @@ class PolicyLearner(DistributedWorker):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * w * len(batch)
             total += w * len(batch)
+        if objectives.NUM_TOKENS in sums:  # TRL's eval_num_tokens is the training total so far,
+            sums[objectives.NUM_TOKENS] = self.num_tokens * total  # weighted like a sum: / count gives it
         self.engine.train()
         return {"__count__": total, **sums}
 
@@ -392,6 +406,7 @@ class PolicyLearner(DistributedWorker):
                       "engine": {"global_steps": int(engine.global_steps),
                                  "global_samples": int(engine.global_samples),
                                  "skipped_steps": int(engine.skipped_steps)},
+                      "num_tokens": self.num_tokens,
                       "lr_scheduler": engine.lr_scheduler.state_dict()}
             if self.cfg.learner.zero_stage < 3:
                 shared["module"] = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
@@ -438,6 +453,7 @@ class PolicyLearner(DistributedWorker):
             engine.global_steps = int(counters["global_steps"])
             engine.global_samples = int(counters["global_samples"])
             engine.skipped_steps = int(counters["skipped_steps"])
+            self.num_tokens = int(shared.get("num_tokens", 0))  # 0: a checkpoint from before it was counted
         except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
             if isinstance(exc, ckpt.CheckpointError):
                 raise

@@ -27,8 +27,11 @@ def load_reference_model(cfg: DPOConfig) -> torch.nn.Module:
     a PEFT adapter dir is loaded onto its base model and merged."""
     path = cfg.reference.model_name_or_path or cfg.model_name_or_path
     field = "reference.model_name_or_path" if cfg.reference.model_name_or_path else "model_name_or_path"
-    load = load_merged_adapter if is_adapter_dir(path) else load_causal_lm
-    model = load(path, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code, field=field)
+    if is_adapter_dir(path):
+        model = load_merged_adapter(path, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code, field=field)
+    else:  # TRL loads its reference with the policy's model_init_kwargs
+        model = load_causal_lm(path, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code, field=field,
+                               init_kwargs=cfg.model_init_kwargs)
     disable_dropout(model)
     model.eval()
     model.requires_grad_(False)

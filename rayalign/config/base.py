@@ -3,6 +3,8 @@ reference, LoRA, logging)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import typing
 from dataclasses import dataclass
@@ -14,9 +16,43 @@ class ConfigError(ValueError):
     """A bad configuration value or combination; the message names the field."""
 
 
+# Set while `collect_errors` runs: failed checks are appended here and validation goes on,
+# so one invocation reports every bad field at once instead of one per try.
+_ERRORS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("rayalign_config_errors", default=None)
+
+
 def _require(cond: bool, name: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"{name}: {msg}")
+        report(f"{name}: {msg}")
+
+
+def report(message: str) -> None:
+    """A config error: raised, or recorded while `collect_errors` is active."""
+    sink = _ERRORS.get()
+    if sink is None:
+        raise ConfigError(message)
+    if message not in sink:
+        sink.append(message)
+
+
+@contextlib.contextmanager
+def collect_errors():
+    """Inside, failed checks are recorded instead of raised; on leaving, one ConfigError
+    lists them all. An exception other than ConfigError after an error was recorded is taken
+    as a consequence of that error (validation went on with a bad value) and dropped."""
+    sink: list[str] = []
+    token = _ERRORS.set(sink)
+    try:
+        yield sink
+    except ConfigError as exc:
+        report(str(exc))
+    except Exception:
+        if not sink:
+            raise
+    finally:
+        _ERRORS.reset(token)
+    if sink:  # the first error leads (callers match its field); the others follow, a line each
+        raise ConfigError("\n  ".join(sink))
 
 
 def _expand_paths(cfg, names: typing.Iterable[str]) -> None:
@@ -90,7 +126,8 @@ class ReferenceConfig:
     `adapter`: a LoRA learner switches to a frozen copy of its starting adapter.
     """
 
-    mode: Literal["actor", "precompute", "implicit", "none"] = "actor"
+    # null: TRL's choice — implicit for a LoRA policy (its adapter switched off), else actor
+    mode: Literal["actor", "precompute", "implicit", "none"] | None = None
     model_name_or_path: str | None = None  # default: the policy's starting model
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
@@ -106,7 +143,7 @@ class ReferenceConfig:
 
     def __post_init__(self):
         _expand_paths(self, ("model_name_or_path", "cache_dir"))
-        _one_of(self.mode, "reference.mode", REFERENCE_MODES)
+        _one_of(self.mode, "reference.mode", (None, *REFERENCE_MODES))
         _require(self.num_actors >= 1, "reference.num_actors", "must be >= 1")
         _require(self.num_cpus_per_actor >= 0, "reference.num_cpus_per_actor", "must be >= 0")
         _require(self.num_gpus_per_actor >= 0, "reference.num_gpus_per_actor", "must be >= 0")
@@ -121,16 +158,19 @@ class LoraConfig:
     adapter_config.json replaces r / alpha / dropout / target_modules."""
 
     enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    r: int = 16  # r / alpha / dropout: TRL ModelConfig's defaults
+    alpha: int = 32
+    dropout: float = 0.05
+    # null: PEFT's default modules for the architecture (TRL's default); ["all-linear"]: every
+    # linear layer but the output head
+    target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self):
         _require(self.r >= 1, "lora.r", "must be >= 1")
         _require(self.alpha > 0, "lora.alpha", f"must be > 0 (the adapter is scaled by alpha / r), got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+        _require(self.target_modules is None or len(self.target_modules) > 0, "lora.target_modules",
+                 "must not be empty (null: PEFT's default for the architecture)")
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,24 @@ from typing import Any, Literal
 
 import yaml
 
-from rayalign.config.base import ConfigError, _one_of
+from rayalign.config import trl
+from rayalign.config.base import ConfigError, collect_errors, report
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = ""):
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types; TRL's
+    names (`rayalign.config.trl`) are translated first. Every error is reported at once."""
+    if prefix:
+        return _build(cls, data, prefix)
+    with collect_errors():
+        if isinstance(data, dict):
+            data, errors = trl.translate(cls, data)
+            for error in errors:
+                report(error)
+        return _build(cls, data, prefix)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -25,8 +38,12 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = ""):
         if key not in known:
             close = [k for k in known if k.lower().replace("_", "") == str(key).lower().replace("_", "")]
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{name}: unknown field{hint} (known: {', '.join(sorted(known))})")
-        kwargs[key] = _coerce(value, hints[key], name)
+            report(f"{name}: unknown field{hint} (known: {', '.join(sorted(known))})")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], name)
+        except ConfigError as exc:  # recorded; the field keeps its default so the rest is still checked
+            report(str(exc))
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -39,7 +56,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, prefix=f"{name}.")
+        return _build(tp, value if value is not None else {}, prefix=f"{name}.")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -53,7 +70,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} does not fit {tp}")
     if origin is Literal:
-        _one_of(value, name, args)
+        if value not in args:  # raised, not recorded: the field then keeps its default
+            raise ConfigError(f"{name}: got {value!r}; allowed: {', '.join(map(repr, args))}")
         return value
     if origin is tuple:
         if isinstance(value, (str, int, float)):
@@ -95,7 +113,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`--a.b=value` / `--a.b value` CLI overrides into a nested dict (values parsed as YAML)."""
+    """CLI overrides into a nested dict: `--a.b=value` / `--a.b value` (values parsed as YAML),
+    and TRL's (HfArgumentParser's) syntax: `--flag` alone is true, `--no_flag` is false,
+    `--loss_type sigmoid sft` (several values) is a list, `None` is null."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -105,26 +125,35 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key = arg[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
+            values = [_parse_value(raw)]
             i += 1
         else:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raw = "true"  # a bare flag
-                i += 1
-            else:
-                raw = args[i + 1]
-                i += 2
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+            j = i + 1
+            while j < len(args) and not args[j].startswith("--"):
+                j += 1
+            values = [_parse_value(raw) for raw in args[i + 1:j]]
+            i = j
+            if not values:  # a bare flag; TRL's --no_<flag> sets <flag> to false
+                key, values = (key[3:], [False]) if key.startswith("no_") else (key, [True])
         node = out
         parts = key.replace("-", "_").split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override --{key}: {part} is not a section")
-        node[parts[-1]] = value
+        node[parts[-1]] = values[0] if len(values) == 1 else values
     return out
+
+
+def _parse_value(raw: str) -> Any:
+    if raw == "":
+        return ""
+    if raw == "None":  # HfArgumentParser's spelling of null (`--max_length None`)
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def deep_merge(base: dict, override: dict) -> dict:

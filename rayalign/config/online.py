@@ -60,6 +60,12 @@ class OnlineDPOConfig(TrainConfig, SamplingConfig):
         _require(greedy is None, "temperature", f"online DPO samples two completions per prompt; with {greedy} "
                  "sampling is greedy, the two are identical and make no preference pair (use temperature > 0)")
         _one_of(self.nonfinite_scores, "nonfinite_scores", ["error", "penalize"])
+        # TrainConfig's extras that online DPO has no use for: refused rather than ignored
+        _require(self.max_prompt_length is None, "max_prompt_length",
+                 "not used by online DPO (TRL's OnlineDPOConfig has no such field): prompts are cut from the "
+                 "start to fit max_length together with max_new_tokens; set max_length")
+        _require(self.max_completion_length is None, "max_completion_length",
+                 "not used by online DPO: completions are max_new_tokens long at most; set max_new_tokens")
         if self.missing_eos_penalty is not None:
             _require(self.missing_eos_penalty >= 0, "missing_eos_penalty", "must be >= 0 or null")
         for i, spec in enumerate(self.reward_funcs):
@@ -77,7 +83,7 @@ class OnlineDPOConfig(TrainConfig, SamplingConfig):
         if self.reward_weights is not None:
             _require(len(self.reward_weights) == n_rewards, "reward_weights",
                      f"needs one weight per reward source ({n_rewards}), got {len(self.reward_weights)}")
-        _one_of(self.reference.mode, "reference.mode", ["actor", "implicit", "none"])
+        _one_of(self.reference.mode, "reference.mode", [None, "actor", "implicit", "none"])
         if self.reference.mode == "implicit":
             _require(self.lora.enabled, "reference.mode", "implicit needs lora.enabled=true")
         if self.log_completions_steps is not None:
@@ -98,6 +104,8 @@ class OnlineDPOConfig(TrainConfig, SamplingConfig):
 
     @property
     def reference_mode(self) -> str:
+        if self.reference.mode is None:  # TRL: a PEFT policy's reference is its adapter switched off
+            return "implicit" if self.lora.enabled else "actor"
         return self.reference.mode
 
     @property

@@ -3,6 +3,7 @@ DPO (loss fields from the loss table) and reward models."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from rayalign.config.base import (ConfigError, LearnerConfig, LoggingConfig, LoraConfig, RayConfig, ReferenceConfig,
@@ -19,34 +20,57 @@ class TrainConfig:
 
     model_name_or_path: str = ""  # a local dir or a hub id, loaded with from_pretrained
     tokenizer_name_or_path: str | None = None  # default: model_name_or_path
-    train_dataset: str = ""  # JSONL / Parquet / save_to_disk dir ("path:split" for a DatasetDict)
+    # TRL's name: keyword arguments of every from_pretrained of the policy and reference
+    # (dtype, attn_implementation, revision, ...); TRL ModelConfig's dtype /
+    # attn_implementation / model_revision land here.
+    model_init_kwargs: dict | None = None
+    # JSONL / JSON / CSV / Parquet / save_to_disk dir ("path:split" for a DatasetDict), or any
+    # name datasets.load_dataset takes (a local dataset dir, a hub id).
+    train_dataset: str = ""
     eval_dataset: str | None = None
+    # TRL ScriptArguments: a dataset for load_dataset(dataset_name, dataset_config) instead of
+    # train_dataset / eval_dataset; its dataset_train_split trains, its dataset_test_split
+    # evaluates when eval_strategy is not "no" (TRL's scripts' rule).
+    dataset_name: str | None = None
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
     output_dir: str = "outputs/run"
     # TRL's name. A dir holding another run is refused unless this is set (the old run's
     # checkpoints and logs are removed once the new run's first step succeeded) or the job
     # resumes it with resume_from_checkpoint.
     overwrite_output_dir: bool = False
     max_steps: int = -1  # > 0 overrides num_train_epochs
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int | float = 0  # a float < 1 is a ratio of the training steps (transformers)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     seed: int = 42
-    bf16: bool = False
-    gradient_checkpointing: bool = False
+    # TRL's default (null): true where the learners have GPUs (learner.num_gpus_per_actor > 0),
+    # false on CPU, where TRL would run bf16 autocast but rayalign trains fp32.
+    bf16: bool | None = None
+    gradient_checkpointing: bool = True
     disable_dropout: bool = True
-    logging_steps: int = 10
-    eval_steps: int | None = None  # None: evaluate only at the end (if eval_dataset)
-    save_steps: int | None = None  # None: save only the final model
+    # "steps" | "epoch" | "no", as TrainingArguments. *_steps: an integer, or a float < 1 for
+    # a ratio of the training steps. The final step is always logged, evaluated (with eval
+    # data, unless eval_strategy is "no") and saved.
+    logging_strategy: str = "steps"
+    logging_steps: int | float = 10
+    # null (rayalign's default): every eval_steps when set, else once at the end; TRL's
+    # default "no" evaluates never (TRL's scripts then call trainer.evaluate()).
+    eval_strategy: str | None = None
+    eval_steps: int | float | None = None  # eval_strategy "steps": default logging_steps
+    save_strategy: str = "steps"
+    save_steps: int | float | None = 500  # null: only the final checkpoint
     save_total_limit: int | None = None
     # rayalign extra: on the first SIGINT/SIGTERM of the CLI the step loop finishes its step,
     # saves checkpoint-N and exits 130/143 (a second signal stops at once, without saving).
@@ -76,17 +100,18 @@ class TrainConfig:
     def __post_init__(self):
         _expand_paths(self, ("model_name_or_path", "tokenizer_name_or_path", "train_dataset", "eval_dataset",
                              "output_dir", "resume_from_checkpoint"))
+        if self.bf16 is None:
+            object.__setattr__(self, "bf16", self.learner.num_gpus_per_actor > 0)
         _require(bool(self.model_name_or_path), "model_name_or_path", "is required")
-        _require(bool(self.train_dataset), "train_dataset", "is required")
+        self._check_datasets()
+        self._check_schedule()
         _require(bool(self.output_dir), "output_dir", "is required")
         _require(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
                  "set max_steps > 0 or num_train_epochs > 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps"):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("eval_steps", "save_steps", "save_total_limit"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, "must be >= 1 or null")
+        _require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
+                 "must be >= 1 or null")
         _require(0 <= self.learning_rate < float("inf"), "learning_rate", f"must be >= 0 and finite, got "
                  f"{self.learning_rate}")
         _require(self.max_failures >= 0, "max_failures", "must be >= 0")
@@ -98,7 +123,16 @@ class TrainConfig:
         _require(self.adam_epsilon >= 0, "adam_epsilon", f"must be >= 0, got {self.adam_epsilon}")
         _one_of(self.lr_scheduler_type, "lr_scheduler_type", SCHEDULERS)
         _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.warmup_steps >= 0 and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
+                 "warmup_steps", f"must be an integer >= 0 or a ratio in [0, 1), got {self.warmup_steps}")
+        if self.model_init_kwargs is not None:
+            for key in ("quantization_config", "load_in_4bit", "load_in_8bit", "device_map"):
+                _require(key not in self.model_init_kwargs, f"model_init_kwargs.{key}",
+                         "not supported: quantized loading has no CPU kernels, and Ray places the models")
+            dtype = self.model_init_kwargs.get("dtype", self.model_init_kwargs.get("torch_dtype"))
+            _one_of(dtype, "model_init_kwargs.dtype", [None, "auto", "float32", "bfloat16"])
+            _require(dtype != "bfloat16" or self.bf16, "model_init_kwargs.dtype",
+                     "bfloat16 weights need bf16=true (DeepSpeed then keeps fp32 master weights)")
         _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
         _one_of(self.truncation_mode, "truncation_mode", ["keep_end", "keep_start"])
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
@@ -106,6 +140,72 @@ class TrainConfig:
             _require(value is None or value >= 1, name, "must be >= 1 or null")
         if self.lora.enabled and self.learner.zero_stage == 3:
             raise ConfigError("lora.enabled: LoRA with learner.zero_stage=3 is not supported; use stage 0-2")
+
+    def _check_datasets(self) -> None:
+        if self.dataset_name is None:
+            _require(bool(self.train_dataset), "train_dataset", "is required (or TRL's dataset_name)")
+            for name in ("dataset_config",):
+                _require(getattr(self, name) is None, name, "needs dataset_name")
+            return
+        _require(not self.train_dataset, "dataset_name", f"conflicts with train_dataset={self.train_dataset}: "
+                 "give one of them")
+        _require(bool(self.dataset_train_split), "dataset_train_split", "must name a split")
+
+    def _check_schedule(self) -> None:
+        _one_of(self.logging_strategy, "logging_strategy", ["steps", "epoch", "no"])
+        _one_of(self.eval_strategy, "eval_strategy", [None, "steps", "epoch", "no"])
+        _one_of(self.save_strategy, "save_strategy", ["steps", "epoch", "no"])
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1 and float(value).is_integer() or 0 < value < 1, name,
+                     f"must be an integer >= 1, a ratio in (0, 1) of the training steps, or null; got {value}")
+        _require(self.logging_steps is not None, "logging_steps", "must be set (use logging_strategy=no)")
+        if self.eval_strategy not in (None, "no"):
+            _require(self.eval_source is not None, "eval_strategy",
+                     f"{self.eval_strategy} needs evaluation data: set eval_dataset (or dataset_name with a "
+                     "dataset_test_split)")
+
+    def every(self, kind: str, total_steps: int, steps_per_epoch: int) -> int | None:
+        """How often (in steps) to log / evaluate / save, from `<kind>_strategy` and
+        `<kind>_steps` as TrainingArguments reads them; None: only at the end (or never)."""
+        strategy = getattr(self, f"{kind}_strategy")
+        steps = getattr(self, f"{kind}_steps")
+        if kind == "eval":
+            if strategy is None:
+                strategy = "steps" if steps is not None else "no"
+            elif strategy == "steps" and steps is None:
+                steps = self.logging_steps
+        if strategy == "no" or steps is None and strategy == "steps":
+            return None
+        if strategy == "epoch":
+            return max(1, steps_per_epoch)
+        return max(1, math.ceil(steps * total_steps)) if steps < 1 else int(steps)
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps: warmup_steps (a float < 1 is a ratio), else warmup_ratio."""
+        if 0 < self.warmup_steps < 1:
+            return math.ceil(self.warmup_steps * total_steps)
+        return int(self.warmup_steps) or math.ceil(self.warmup_ratio * total_steps)
+
+    @property
+    def train_source(self):
+        """Where the training rows come from (`rayalign.data.DataSource`)."""
+        from rayalign.data import DataSource
+
+        if self.dataset_name is not None:
+            return DataSource(self.dataset_name, self.dataset_config, self.dataset_train_split)
+        return DataSource(self.train_dataset)
+
+    @property
+    def eval_source(self):
+        """Evaluation rows (`rayalign.data.DataSource`), or None."""
+        from rayalign.data import DataSource
+
+        if self.eval_dataset:
+            return DataSource(self.eval_dataset)
+        if self.dataset_name is not None and self.eval_strategy not in (None, "no") and self.dataset_test_split:
+            return DataSource(self.dataset_name, self.dataset_config, self.dataset_test_split)
+        return None
 
     @property
     def tokenizer_path(self) -> str:
@@ -187,6 +287,9 @@ class DPOConfig(TrainConfig):
         _require(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", "must be >= 1")
         _require(self.discopop_tau > 0, "discopop_tau", f"must be > 0, got {self.discopop_tau}")
         _require(self.num_generate_prompts >= 1, "num_generate_prompts", "must be >= 1")
+        _require(not self.generate_during_eval or self.eval_source is not None, "generate_during_eval",
+                 "needs evaluation data (eval_dataset, or dataset_name with eval_strategy set): its prompts "
+                 "are the eval set's")
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         mode = self.reference_mode
         if mode == "implicit":
@@ -198,7 +301,7 @@ class DPOConfig(TrainConfig):
             _require(not self.lora.enabled, "sync_ref_model",
                      "TR-DPO mixes full policy weights into the reference; not supported with a LoRA policy")
         if self.precompute_ref_log_probs:
-            _require(self.reference.mode in ("actor", "precompute"), "precompute_ref_log_probs",
+            _require(self.reference.mode in (None, "actor", "precompute"), "precompute_ref_log_probs",
                      f"conflicts with reference.mode={self.reference.mode}")
         self._check_peft(mode)
 
@@ -226,7 +329,8 @@ class DPOConfig(TrainConfig):
                      "conflicts with force_use_ref_model=true (a separate reference model); set one of them")
             conflict = ("reference_free" if self.reference_free else
                         "precompute_ref_log_probs" if self.precompute_ref_log_probs else
-                        f"reference.mode={self.reference.mode}" if self.reference.mode != "actor" else None)
+                        f"reference.mode={self.reference.mode}" if self.reference.mode not in (None, "actor")
+                        else None)
             _require(conflict is None, "ref_adapter_name",
                      f"selects the adapter reference; conflicts with {conflict}")
         if self.force_use_ref_model:
@@ -250,6 +354,8 @@ class DPOConfig(TrainConfig):
             return "precompute"
         if self.ref_adapter_name is not None:
             return "adapter"
+        if self.reference.mode is None:  # TRL: a PEFT policy without a ref model disables its adapter
+            return "implicit" if self.lora.enabled and not self.force_use_ref_model else "actor"
         return self.reference.mode
 
 

@@ -33,7 +33,8 @@ def online_dpo_config(sft_dir, data_dir, output_dir, *, steps: int, prompts_per_
     curves; benchmarks/RESULTS.md, "Online DPO learning")."""
     return from_dict(OnlineDPOConfig, {
         "model_name_or_path": str(sft_dir), "train_dataset": f"{data_dir}/prompts_train.jsonl",
-        "output_dir": str(output_dir), "overwrite_output_dir": True, "max_steps": steps,
+        "output_dir": str(output_dir), "gradient_checkpointing": False,
+        "overwrite_output_dir": True, "max_steps": steps,
         "per_device_train_batch_size": max(1, prompts_per_step // num_learners), "learning_rate": 1e-4,
         "lr_scheduler_type": "constant", "beta": 0.1, "loss_type": "sigmoid", "max_length": 64,
         "max_new_tokens": 16, "temperature": 0.5, "reward_funcs": ["rayalign.demo.task:demo_reward"],
@@ -79,7 +80,8 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
 
     sft_cfg = from_dict(SFTConfig, {
         "model_name_or_path": str(model_dir), "train_dataset": str(data / "sft_train.jsonl"),
-        "eval_dataset": str(data / "sft_eval.jsonl"), "output_dir": str(out / "sft"), "overwrite_output_dir": True,
+        "eval_dataset": str(data / "sft_eval.jsonl"), "output_dir": str(out / "sft"), "gradient_checkpointing": False,
+        "overwrite_output_dir": True,
         "max_steps": sft_steps or 400, "per_device_train_batch_size": 32, "learning_rate": 3e-3,
         "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "logging_steps": 25, "max_length": 64,
         "seed": seed, "save_total_limit": 1,
@@ -91,7 +93,8 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
 
     reward_cfg = from_dict(RewardConfig, {
         "model_name_or_path": str(out / "sft"), "train_dataset": str(data / "pref_train.jsonl"),
-        "eval_dataset": str(data / "pref_eval.jsonl"), "output_dir": str(out / "reward"), "overwrite_output_dir": True,
+        "eval_dataset": str(data / "pref_eval.jsonl"), "output_dir": str(out / "reward"), "gradient_checkpointing": False,
+        "overwrite_output_dir": True,
         "max_steps": reward_steps or 300, "per_device_train_batch_size": 16, "learning_rate": 1e-3,
         "lr_scheduler_type": "cosine", "logging_steps": 25, "eval_steps": 100, "max_length": 64, "seed": seed,
         "save_total_limit": 1, "learner": {"num_actors": num_learners, "num_cpus_per_actor": 1, "zero_stage": 2},
@@ -105,7 +108,8 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     pairs_per_step = 16 * num_learners
     dpo_cfg = from_dict(DPOConfig, {
         "model_name_or_path": str(out / "sft"), "train_dataset": str(data / "pref_train.jsonl"),
-        "eval_dataset": str(data / "pref_eval.jsonl"), "output_dir": str(out / "dpo"), "overwrite_output_dir": True,
+        "eval_dataset": str(data / "pref_eval.jsonl"), "output_dir": str(out / "dpo"), "gradient_checkpointing": False,
+        "overwrite_output_dir": True,
         "max_steps": steps, "per_device_train_batch_size": 16, "learning_rate": 5e-4,
         # RPO (DPO + NLL on chosen) keeps the chosen answers' likelihood from sliding down
         # while the margin grows, which plain sigmoid DPO does on this task.

@@ -112,13 +112,14 @@ class PreparedData:
 
     @property
     def num_train_rows(self) -> int:
-        return self.train_table.num_rows
+        return 0 if self.train_table is None else self.train_table.num_rows
 
     def build(self, cfg: TrainConfig) -> tuple[Callable[[int], object], list]:
         """Create the Ray Datasets (after ray.init); returns (epoch -> dataset, eval batches)."""
         import ray
 
-        self._train = ray.data.from_arrow(self.train_table)
+        # No training rows when only evaluating (prepare_data(eval_only=True)).
+        self._train = None if self.train_table is None else ray.data.from_arrow(self.train_table)
         eval_batches = []
         if self.eval_table is not None:
             if self.kind == "dpo" and cfg.reference_mode == "precompute":
@@ -129,7 +130,7 @@ class PreparedData:
             size = cfg.per_device_eval_batch_size
             eval_batches = [objective.collate(self.eval_rows[i:i + size], self.pad_token_id)[0]
                             for i in range(0, len(self.eval_rows), size)]
-        if self.kind == "dpo" and cfg.reference_mode == "precompute":
+        if self.kind == "dpo" and cfg.reference_mode == "precompute" and self.train_table is not None:
             self._cache_dir = refcache.cache_dir(cfg, self.train_path)
             storage.makedirs(self._cache_dir)
             self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
@@ -256,8 +257,10 @@ def pa_array(values):
     return pa.array(values, type=pa.int64())
 
 
-def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
-    """Check the tokenizer and every data row before Ray work or model loading starts."""
+def prepare_data(cfg: TrainConfig, kind: str, *, eval_only: bool = False) -> PreparedData:
+    """Check the tokenizer and every data row before Ray work or model loading starts.
+    `eval_only` (`rayalign eval-dpo` / `eval-reward`): the eval rows alone — eval_dataset, else
+    dataset_name's dataset_test_split, else the training rows."""
     tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
                                field=cfg.tokenizer_field)
     settings = data_lib.TokenizeSettings(
@@ -267,17 +270,22 @@ def prepare_data(cfg: TrainConfig, kind: str) -> PreparedData:
         settings = dataclasses.replace(settings, max_length=None)
     data_kind = "sft" if kind == "sft" else "preference"
 
-    def load(path: str, name: str):
+    def load(path: data_lib.DataSource, name: str):
         table, _ = data_lib.validate_file(path, tokenizer, settings, kind=data_kind,
                                           drop_bad_rows=cfg.drop_bad_rows, field=name)
         if kind == "reward" and cfg.max_length is not None:
             table = data_lib.drop_over_length(table, cfg.max_length, path, name)
         return table
 
-    train = load(cfg.train_dataset, "train_dataset")
-    steps_per_epoch(train.num_rows, cfg)  # too few rows: fail now, not after the actors start
-    evaluation = load(cfg.eval_dataset, "eval_dataset") if cfg.eval_dataset else None
-    return PreparedData(kind, cfg.train_dataset, train, cfg.eval_dataset, evaluation,
+    train = None if eval_only else load(cfg.train_source, "train_dataset")
+    if train is not None:
+        steps_per_epoch(train.num_rows, cfg)  # too few rows: fail now, not after the actors start
+    eval_source = cfg.eval_source
+    if eval_only and eval_source is None:  # evaluation without eval data: the test split, else the training rows
+        eval_source = (data_lib.DataSource(cfg.dataset_name, cfg.dataset_config, cfg.dataset_test_split)
+                       if cfg.dataset_name and cfg.dataset_test_split else cfg.train_source)
+    evaluation = load(eval_source, "eval_dataset") if eval_source else None
+    return PreparedData(kind, str(cfg.train_source), train, str(eval_source) if eval_source else None, evaluation,
                         pad_token_id=tokenizer.pad_token_id)
 
 
@@ -297,20 +305,30 @@ def check_models(cfg: TrainConfig) -> None:
 
 
 def eval_metrics(learners: ActorGroup, batches: list) -> dict[str, float]:
-    """eval_* metrics: eval batches sharded over the learners (weight-0 padding keeps the
-    forward counts equal)."""
+    """eval_* metrics as TRL's `evaluate()` returns them (per_device_eval_batch_size batches in
+    file order): eval_loss is the mean over eval rows of their batch's loss (Trainer repeats
+    each batch's loss per row and accelerate cuts the last batch's copies to its rows); every
+    other metric is the mean of its per-batch values, each batch counting once (TRL averages
+    its per-batch logs); plus eval_runtime / eval_samples_per_second / eval_steps_per_second.
+    Each round gives every learner one batch (weight 0 pads the last round: every rank runs
+    the same forwards, as ZeRO-3 gathers need)."""
     n = len(learners)
-    per = -(-len(batches) // n)
-    args = []
-    for r in range(n):
-        own = batches[r::n]
-        weights = [1.0] * len(own) + [0.0] * (per - len(own))
-        own = own + [batches[0]] * (per - len(own))
-        args.append((own, weights))
-    results = learners.scatter("sum_eval_metrics", args)
-    count = sum(r["__count__"] for r in results)
-    keys = [k for k in results[0] if k != "__count__"]
-    return {f"eval_{k}": sum(r[k] for r in results) / max(count, 1e-12) for k in keys}
+    per_batch: list[tuple[int, dict]] = []  # (rows, metrics) of every batch
+    started = time.time()
+    for first in range(0, len(batches), n):
+        own = batches[first:first + n]
+        args = [([own[r]], [1.0]) if r < len(own) else ([batches[0]], [0.0]) for r in range(n)]
+        results = learners.scatter("sum_eval_metrics", args)
+        per_batch += [(len(b), {k: v / res["__count__"] for k, v in res.items() if k != "__count__"})
+                      for b, res in zip(own, results)]
+    runtime = max(time.time() - started, 1e-9)
+    metrics = {f"eval_{k}": sum(m[k] for _, m in per_batch) / len(per_batch) for k in per_batch[0][1]}
+    rows = sum(size for size, _ in per_batch)
+    metrics["eval_loss"] = sum(size * m["loss"] for size, m in per_batch) / rows
+    # TRL's speed_metrics: a step is one eval loop iteration, a batch on every learner
+    steps = -(-len(batches) // n)
+    return {**metrics, "eval_runtime": runtime, "eval_samples_per_second": rows / runtime,
+            "eval_steps_per_second": steps / runtime}
 
 
 def log_generations(cfg: DPOConfig, learners: ActorGroup, references, data: PreparedData,

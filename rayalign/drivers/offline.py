@@ -40,23 +40,33 @@ def job_kind(cfg: TrainConfig) -> str:
 def train(cfg: TrainConfig, report: Callable[[dict], None] | None = None) -> dict:
     """Run one offline job to the end; returns final metrics and the model directory.
     `report` (Ray Tune) receives the latest train + eval metrics after every evaluation."""
-    job = (DPOJob if isinstance(cfg, DPOConfig) else OfflineJob)(cfg)
-    return runner.run(job, report=report)
+    return runner.run(job_for(cfg), report=report)
+
+
+def job_for(cfg: TrainConfig, eval_only: bool = False) -> "OfflineJob":
+    """The job of an offline config; `eval_only`: its learners and eval batches, no training
+    rows (`rayalign.drivers.offline_eval`)."""
+    return (DPOJob if isinstance(cfg, DPOConfig) else OfflineJob)(cfg, eval_only)
 
 
 class OfflineJob(runner.Job):
     """SFT or reward-model training: a learner group reading Ray Data shards."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, eval_only: bool = False):
         self.name = job_kind(cfg)
         self.plot_keys = PLOT_KEYS[self.name]
         common.check_models(cfg)  # model dirs: files, safetensors headers, custom code, vocab size
-        self.data = common.prepare_data(cfg, self.name)  # validates paths and rows before any actor starts
-        per_epoch = common.steps_per_epoch(self.data.num_train_rows, cfg)
-        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+        # validates paths and rows before any actor starts
+        self.data = common.prepare_data(cfg, self.name, eval_only=eval_only)
+        if eval_only:  # no step runs; the learners' scheduler still wants a length
+            per_epoch = total = 1
+        else:
+            per_epoch = common.steps_per_epoch(self.data.num_train_rows, cfg)
+            total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
         super().__init__(cfg, total, per_epoch, cfg.global_batch_size)
         self.learners: ActorGroup | None = None
         self.epoch: int | None = None
+        self.num_tokens: float | None = None  # the learners' running total after the last step
 
     def num_cpus(self) -> int | None:
         return common.local_num_cpus(self.cfg)
@@ -91,7 +101,13 @@ class OfflineJob(runner.Job):
             self.learners.scatter("set_data", [(s, epoch, in_epoch * self.cfg.gradient_accumulation_steps)
                                                for s in shards])
         results = self.learners.call("train_step", timeout=self.cfg.learner.collective_timeout_s)
-        return StepResult(average_metrics(results))
+        metrics = average_metrics(results)
+        self.num_tokens = metrics.get("num_tokens", self.num_tokens)
+        return StepResult(metrics)
+
+    def log_extras(self) -> dict[str, float]:
+        # num_tokens is a running total: a log line shows it after its last step, not the interval's mean
+        return {} if self.num_tokens is None else {"num_tokens": self.num_tokens}
 
     @property
     def has_eval(self) -> bool:
@@ -116,8 +132,8 @@ class DPOJob(OfflineJob):
 
     cfg: DPOConfig
 
-    def __init__(self, cfg: DPOConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: DPOConfig, eval_only: bool = False):
+        super().__init__(cfg, eval_only)
         self.references: ActorGroup | None = None
         self.cache_status = None
 

@@ -49,10 +49,10 @@ class Prompts:
     def __init__(self, cfg: OnlineDPOConfig):
         tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
                                    field=cfg.tokenizer_field)
-        self.rows, self.dropped = load_prompt_rows(cfg.train_dataset, tokenizer, "train_dataset", cfg.drop_bad_rows)
+        self.rows, self.dropped = load_prompt_rows(cfg.train_source, tokenizer, "train_dataset", cfg.drop_bad_rows)
         self.eval_rows: list[dict] = []
-        if cfg.eval_dataset:
-            self.eval_rows, _ = load_prompt_rows(cfg.eval_dataset, tokenizer, "eval_dataset", cfg.drop_bad_rows)
+        if cfg.eval_source:
+            self.eval_rows, _ = load_prompt_rows(cfg.eval_source, tokenizer, "eval_dataset", cfg.drop_bad_rows)
         self.conversational = not isinstance(self.rows[0]["prompt"], str)
         self.batch = cfg.prompts_per_step
         self.steps_per_epoch = len(self.rows) // self.batch
@@ -244,8 +244,8 @@ class OnlineDPOJob(runner.Job):
 
     def log_step(self, done: int, result: runner.StepResult, tracker) -> None:
         cfg = self.cfg
-        every = cfg.log_completions_steps or cfg.logging_steps
-        if cfg.log_completions and (done % every == 0 or done == self.total_steps):
+        every = cfg.log_completions_steps or cfg.every("logging", self.total_steps, self.prompts.steps_per_epoch)
+        if cfg.log_completions and ((every and done % every == 0) or done == self.total_steps):
             tracker.log_table("completions", result.table[: cfg.num_completions_to_log], done)
 
     def log_extras(self) -> dict[str, float]:

@@ -12,7 +12,9 @@ evaluates (`evaluate`) and what it adds to logs and results; it holds no run mec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import shutil
 import signal
@@ -149,6 +151,11 @@ def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: i
 
         interval: list[dict] = []
         final_eval: dict = {}
+        log_every, eval_every, save_every = (cfg.every(kind, total, job.steps_per_epoch)
+                                             for kind in ("logging", "eval", "save"))
+        # this run's schedule, for trainer_state.json (a resumed checkpoint's may differ)
+        state.update(max_steps=total, num_train_epochs=math.ceil(total / job.steps_per_epoch),
+                     logging_steps=log_every, eval_steps=eval_every, save_steps=save_every)
         t0 = time.time()
         group.defer_interrupts(cfg.save_on_interrupt)  # a signal from here on: finish the step, save, stop
         for step in range(state["step"], total):
@@ -163,28 +170,30 @@ def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: i
             interval.append(result.metrics)
             done = step + 1
             job.log_step(done, result, tracker)
-            if done % cfg.logging_steps == 0 or done == total:
+            if (log_every and done % log_every == 0) or done == total:
                 metrics = {**average_metrics(interval), "epoch": done / job.steps_per_epoch, **job.log_extras()}
                 tracker.log(metrics, step=done)
                 state["log_history"].append({"step": done, **metrics})
                 interval = []
                 progress.update(done, metrics, samples=done * job.samples_per_step)
                 files.sync(job.log_files)
-            if job.has_eval and cfg.eval_steps and done % cfg.eval_steps == 0:
+            if job.has_eval and eval_every and done % eval_every == 0:
                 final_eval = _evaluate(job, tracker, done)
-                state["log_history"].append({"step": done, **final_eval})
+                state["log_history"].append({"step": done, "epoch": done / job.steps_per_epoch, **final_eval})
                 if report is not None and done < total:
                     report(_latest(state["log_history"], done))
-            if cfg.save_steps and done % cfg.save_steps == 0 and done < total:
+            if save_every and done % save_every == 0 and done < total:
                 save(cfg, learners, {**state, "step": done, "epoch": done / job.steps_per_epoch},
                      name=f"checkpoint-{done}", metrics=final_eval, run_id=run_dir.run_id)
                 files.sync()
-            stop_if_interrupted(cfg, learners, state, done, total, job.steps_per_epoch, run_dir, files, final_eval)
+            stop_if_interrupted(cfg, learners, state, done, total, job.steps_per_epoch, run_dir, files, final_eval,
+                                saved=bool(save_every and done % save_every == 0))
         group.defer_interrupts(False)
         elapsed = time.time() - t0
         steps_run = total - state["step"]
-        if job.has_eval and (not cfg.eval_steps or total % cfg.eval_steps != 0):
+        if job.has_eval and cfg.eval_strategy != "no" and (not eval_every or total % eval_every != 0):
             final_eval = _evaluate(job, tracker, total)
+            state["log_history"].append({"step": total, "epoch": total / job.steps_per_epoch, **final_eval})
         job.finish(tracker)
         final_state = {**state, "step": total, "epoch": total / job.steps_per_epoch}
         save(cfg, learners, final_state, name=f"checkpoint-{total}", metrics=final_eval, run_id=run_dir.run_id)
@@ -195,6 +204,7 @@ def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: i
                       "train_samples_per_second": steps_run * job.samples_per_step / max(elapsed, 1e-9),
                       "train_steps_per_second": steps_run / max(elapsed, 1e-9)}
         tracker.log(throughput, step=total)
+        write_run_files(cfg, final_state, throughput, final_eval)
         tracker.close()
         progress.close()
         plot_metrics(f"{files.local_dir}/metrics.jsonl", files.local_dir, keys=job.plot_keys)
@@ -278,10 +288,10 @@ def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metr
     staging = os.path.join(staging_root(cfg), f".staging-{name}")
     shutil.rmtree(staging, ignore_errors=True)
     learners.call("save", staging, timeout=cfg.learner.collective_timeout_s)
-    ckpt.save_trainer_state(staging, state)
+    ckpt.save_trainer_state(staging, trainer_state(cfg, state))
     ckpt.save_run_config(staging, cfg)
     ckpt.write_model_card(staging, base_model=cfg.model_name_or_path,
-                          datasets=[p for p in (cfg.train_dataset, cfg.eval_dataset) if p],
+                          datasets=[str(source) for source in (cfg.train_source, cfg.eval_source) if source],
                           method=type(cfg).__name__.removesuffix("Config"), metrics=metrics)
     path = ckpt.commit_checkpoint(staging, cfg.output_dir, name, step=state["step"], metadata={"run_id": run_id})
     shutil.rmtree(staging, ignore_errors=True)
@@ -289,17 +299,59 @@ def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metr
     return path
 
 
+def trainer_state(cfg: TrainConfig, state: dict) -> dict:
+    """The run's `state` (step, epoch, log_history and the facts `_attempt` adds) in
+    transformers' TrainerState layout, which `TrainerState.load_from_json` loads; resume reads
+    global_step and log_history back (`checkpoint.load_trainer_state`). No flops are counted:
+    total_flos keeps TrainerState's default, 0."""
+    from transformers import TrainerControl, TrainerState
+
+    control = TrainerControl(should_save=True, should_training_stop=state["step"] >= state["max_steps"])
+    hf = TrainerState(epoch=state["epoch"], global_step=state["step"], max_steps=state["max_steps"],
+                      logging_steps=state["logging_steps"], eval_steps=state["eval_steps"],
+                      save_steps=state["save_steps"], train_batch_size=cfg.per_device_train_batch_size,
+                      num_train_epochs=state["num_train_epochs"], log_history=state["log_history"],
+                      stateful_callbacks={"TrainerControl": control.state()})
+    return dataclasses.asdict(hf)
+
+
+def write_run_files(cfg: TrainConfig, state: dict, throughput: dict, final_eval: dict) -> None:
+    """What a TRL script leaves in output_dir after `trainer.train()`, `save_state()` and
+    `save_metrics("train" / "eval")`: trainer_state.json (log_history ending with the train
+    summary), train_results.json, eval_results.json (when the job evaluates), all_results.json
+    (their union, written afresh: a run's results, not an earlier run's)."""
+    train = {**throughput, "train_loss": train_loss(state["log_history"]), "epoch": state["epoch"]}
+    state["log_history"].append({**train, "total_flos": 0.0, "step": state["step"]})
+    ckpt.save_trainer_state(cfg.output_dir, trainer_state(cfg, state))
+    ckpt.save_metrics(cfg.output_dir, "train", train, combined=False)
+    evaluation = {**final_eval, "epoch": state["epoch"]} if final_eval else {}
+    if evaluation:
+        ckpt.save_metrics(cfg.output_dir, "eval", evaluation, combined=False)
+    ckpt.save_metrics(cfg.output_dir, "all", {**train, **evaluation}, combined=False)
+
+
+def train_loss(history: list[dict]) -> float:
+    """The mean loss over the run's steps (TRL's train_loss): each logged interval average
+    weighs as many steps as it covers."""
+    total, steps, previous = 0.0, 0, 0
+    for row in history:
+        if "loss" in row:
+            n = row["step"] - previous
+            total, steps, previous = total + row["loss"] * n, steps + n, row["step"]
+    return total / steps if steps else float("nan")
+
+
 def stop_if_interrupted(cfg: TrainConfig, learners: ActorGroup, state: dict, done: int, total_steps: int,
                         steps_per_epoch: int, run_dir: rundir.RunDir, files: storage.RunFiles,
-                        metrics: dict) -> None:
+                        metrics: dict, saved: bool) -> None:
     """save_on_interrupt: after step `done`, if a signal asked the loop to stop, save
-    checkpoint-`done` (unless save_steps just did) and raise `Interrupted`; the run can be
+    checkpoint-`done` (unless the step just `saved` it) and raise `Interrupted`; the run can be
     resumed from it. At the last step the run simply finishes."""
     signum = group.pending_interrupt()
     if signum is None or done >= total_steps:
         return
     name = f"checkpoint-{done}"
-    if not (cfg.save_steps and done % cfg.save_steps == 0):
+    if not saved:
         save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch}, name=name,
              metrics=metrics, run_id=run_dir.run_id)
     files.sync()

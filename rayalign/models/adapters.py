@@ -53,8 +53,10 @@ def wrap_policy(model: torch.nn.Module, cfg, task) -> torch.nn.Module:
             model.load_adapter(cfg.model_name_or_path, adapter_name=ref, is_trainable=False)
     else:
         lc = cfg.lora
+        modules = lc.target_modules
+        modules = "all-linear" if modules == ("all-linear",) else None if modules is None else list(modules)
         peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                              target_modules=list(lc.target_modules), task_type=task)
+                              target_modules=modules, task_type=task)
         model = get_peft_model(model, peft_cfg, adapter_name=name)
         if ref is not None:  # a fresh adapter's copy: lora_B is 0, so it equals the base model
             ref_cfg = copy.deepcopy(model.peft_config[name])

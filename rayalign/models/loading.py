@@ -179,29 +179,40 @@ def torch_dtype(bf16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
+def _from_pretrained_kwargs(bf16: bool, trust_remote_code: bool, init_kwargs: dict | None) -> dict:
+    """from_pretrained's keyword arguments: the job's dtype, then TRL's model_init_kwargs
+    (dtype, attn_implementation, revision, ...) over it; a dtype name becomes a torch dtype."""
+    kwargs = {"dtype": torch_dtype(bf16), "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    extra = dict(init_kwargs or {})
+    if "torch_dtype" in extra:
+        extra["dtype"] = extra.pop("torch_dtype")
+    if isinstance(extra.get("dtype"), str) and extra["dtype"] != "auto":
+        extra["dtype"] = getattr(torch, extra["dtype"])
+    return {**kwargs, **{k: v for k, v in extra.items() if v is not None}}
+
+
 def load_causal_lm(path_or_id: str, *, bf16: bool = False, trust_remote_code: bool = False,
-                   field: str = "model_name_or_path"):
+                   field: str = "model_name_or_path", init_kwargs: dict | None = None):
     from transformers import AutoModelForCausalLM
 
     _check_exists(path_or_id, field)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path_or_id, dtype=torch_dtype(bf16), trust_remote_code=trust_remote_code,
-            use_safetensors=True)
+            path_or_id, **_from_pretrained_kwargs(bf16, trust_remote_code, init_kwargs))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{field}: cannot load a causal LM from {path_or_id!r}: {exc}") from exc
 
 
 def load_reward_model(path_or_id: str, *, pad_token_id: int, bf16: bool = False,
-                      trust_remote_code: bool = False, field: str = "model_name_or_path"):
+                      trust_remote_code: bool = False, field: str = "model_name_or_path",
+                      init_kwargs: dict | None = None):
     """AutoModelForSequenceClassification(num_labels=1) from a causal-LM or reward-model dir."""
     from transformers import AutoModelForSequenceClassification
 
     _check_exists(path_or_id, field)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path_or_id, num_labels=1, dtype=torch_dtype(bf16),
-            trust_remote_code=trust_remote_code, use_safetensors=True)
+            path_or_id, num_labels=1, **_from_pretrained_kwargs(bf16, trust_remote_code, init_kwargs))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{field}: cannot load a reward model from {path_or_id!r}: {exc}") from exc
     model.config.pad_token_id = pad_token_id

@@ -30,6 +30,10 @@ class LogProbs:
     num_tokens: torch.Tensor  # (N,) completion token counts
     mean_logits: torch.Tensor  # (N, L) vocabulary-mean logit per completion position, 0 elsewhere
     log_sum_sq_probs: torch.Tensor | None = None  # (N, L) log sum_v p_v^2 (WPO), when asked
+    # token_stats (the default): entropy of the next-token distribution (0 outside the completion)
+    # and whether the token is its first argmax (False outside), both (N, L)
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
 
     @property
     def mean_logps(self) -> torch.Tensor:
@@ -49,6 +53,10 @@ class PreferenceLogProbs:
     chosen_per_token_logps: torch.Tensor  # (B, L)
     chosen_weights: torch.Tensor | None = None  # WPO sequence weights
     rejected_weights: torch.Tensor | None = None
+    # token_stats (the default): scalar token-weighted mean entropy over chosen and rejected
+    # completions, and the share of chosen completion tokens that are the argmax
+    entropy: torch.Tensor | None = None
+    chosen_token_accuracy: torch.Tensor | None = None
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -64,6 +72,22 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     if not out:
         return flat.new_zeros(index.shape)
     return torch.cat(out).reshape(index.shape)
+
+
+@torch.no_grad()
+def _softmax_stats(logits: torch.Tensor, targets: torch.Tensor, *, stats: bool, consume: bool):
+    """One exp pass over (K, V) fp32 logits z: (lse, e = exp(z - max) with row sums `total`,
+    and when `stats`: entropy lse - sum_v p_v z_v, whether the target is the first argmax).
+    torch.max returns the first maximum, so a tie with an earlier token is no hit, as in TRL's
+    `is_top1`. `consume`: the logits are overwritten (with e * z), no second (K, V) block made."""
+    top, first = logits.max(dim=-1) if stats else (logits.amax(dim=-1), None)
+    e = (logits - top[:, None]).exp_()
+    total = e.sum(dim=-1)
+    lse = top + total.log()  # what torch.logsumexp computes
+    if not stats:
+        return lse, e, total, None, None
+    weighted = logits.mul_(e) if consume else logits * e
+    return lse, e, total, lse - weighted.sum(dim=-1) / total, first == targets
 
 
 # Architectures whose causal-LM logits are exactly lm_head(decoder(x)): no logit soft-capping
@@ -98,39 +122,49 @@ class _CompletionHead(torch.autograd.Function):
     """log softmax(h W^T + b)[target] for K hidden rows, with the (K, V) logits built a chunk
     of rows at a time: forward keeps only per-row log-normalisers, backward rebuilds each
     chunk's logits (unless everything fit in one chunk, whose probabilities are kept).
-    Also returns, without gradient, each row's vocabulary-mean logit and, when asked,
-    log sum_v p_v^2 (WPO)."""
+    Also returns, without gradient, each row's vocabulary-mean logit and, when asked, its
+    entropy and whether the target is the argmax (`with_stats`) and log sum_v p_v^2 (WPO);
+    an empty tensor for each output not asked for."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, with_log_sum_sq: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, with_log_sum_sq: bool, with_stats: bool):
         k = hidden.shape[0]
         logps = torch.empty(k, dtype=torch.float32, device=hidden.device)
         means, lse_all = torch.empty_like(logps), torch.empty_like(logps)
+        entropy = torch.empty(k if with_stats else 0, dtype=torch.float32, device=hidden.device)
+        top1 = torch.empty(k if with_stats else 0, dtype=torch.bool, device=hidden.device)
         lssp = torch.empty_like(logps) if with_log_sum_sq else None
         probs = None
         for start in range(0, k, chunk):
             sl = slice(start, start + chunk)
             logits = torch.nn.functional.linear(hidden[sl], weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            lse_all[sl] = lse
-            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
+            target_logits = logits.gather(-1, targets[sl, None]).squeeze(-1)
             means[sl] = logits.mean(dim=-1)
             if with_log_sum_sq:
-                lssp[sl] = torch.logsumexp(2 * logits, dim=-1) - 2 * lse
+                lssp[sl] = torch.logsumexp(2 * logits, dim=-1)
+            # The exp pass of the log-normaliser also gives the entropy; it overwrites the logits.
+            lse, e, total, chunk_entropy, chunk_top1 = _softmax_stats(logits, targets[sl], stats=with_stats,
+                                                                     consume=True)
+            if with_stats:
+                entropy[sl], top1[sl] = chunk_entropy, chunk_top1
+            lse_all[sl] = lse
+            logps[sl] = target_logits - lse
+            if with_log_sum_sq:
+                lssp[sl] -= 2 * lse
             if k <= chunk:
-                probs = (logits - lse[:, None]).exp_()
+                probs = e.div_(total[:, None])
         ctx.chunk = chunk
         ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, bias if bias is not None else weight.new_empty(0), targets,
                               lse_all, probs if probs is not None else lse_all.new_empty(0))
-        ctx.mark_non_differentiable(means)
+        ctx.mark_non_differentiable(means, entropy, top1)
         if lssp is None:
-            return logps, means, means.new_empty(0)
+            return logps, means, entropy, top1, means.new_empty(0)
         ctx.mark_non_differentiable(lssp)
-        return logps, means, lssp
+        return logps, means, entropy, top1, lssp
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_means, _grad_lssp):
+    def backward(ctx, grad_logps, _grad_means, _grad_entropy, _grad_top1, _grad_lssp):
         hidden, weight, bias, targets, lse_all, probs = ctx.saved_tensors
         chunk, k = ctx.chunk, hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -156,15 +190,16 @@ class _CompletionHead(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(weight.dtype), None, None, None)
+                None if grad_bias is None else grad_bias.to(weight.dtype), None, None, None, None)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       completion_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                      with_log_sum_sq: bool = False) -> LogProbs:
+                      with_log_sum_sq: bool = False, token_stats: bool = True) -> LogProbs:
     """Forward `model` once and score the completion tokens of each row. Where the model's
     logits are lm_head(decoder(x)) (`_decoder_and_head`) the head runs on the completion
-    positions only, in row chunks, so no (rows x positions x vocabulary) block exists."""
+    positions only, in row chunks, so no (rows x positions x vocabulary) block exists.
+    `token_stats`: also each position's entropy and argmax hit (a reference needs neither)."""
     kwargs = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -181,23 +216,30 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         decoder, head = parts
         hidden = decoder(**kwargs).last_hidden_state[rows, cols - 1]  # (K, H)
         chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
-        token_logps, mean_rows, lssp_rows = _CompletionHead.apply(hidden, head.weight, head.bias, targets, chunk,
-                                                                 with_log_sum_sq)
+        token_logps, mean_rows, entropy_rows, top1_rows, lssp_rows = _CompletionHead.apply(
+            hidden, head.weight, head.bias, targets, chunk, with_log_sum_sq, token_stats)
     else:
         logits = model(**kwargs).logits
         picked = logits[rows, cols - 1].float()  # (K, V): completion positions only
         token_logps = selective_log_softmax(picked, targets)
-        mean_rows = picked.detach().mean(dim=-1)
-        if with_log_sum_sq:
-            with torch.no_grad():
+        with torch.no_grad():
+            detached = picked.detach()
+            mean_rows = detached.mean(dim=-1)
+            if token_stats:
+                stats = [_softmax_stats(z, t, stats=True, consume=False)[3:]  # split: one (0, V) part if K = 0
+                         for z, t in zip(detached.split(CHUNK_ROWS), targets.split(CHUNK_ROWS))]
+                entropy_rows, top1_rows = (torch.cat(parts) for parts in zip(*stats))
+            if with_log_sum_sq:
                 lssp_rows = torch.logsumexp(2 * picked, dim=-1) - 2 * torch.logsumexp(picked, dim=-1)
     zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     per_token = zeros.index_put((rows, cols), token_logps)
     mean_logits = zeros.index_put((rows, cols), mean_rows.detach())
+    entropy = zeros.index_put((rows, cols), entropy_rows) if token_stats else None
+    is_top1 = torch.zeros_like(target_mask).index_put((rows, cols), top1_rows) if token_stats else None
     lssp = None if not with_log_sum_sq else zeros.index_put((rows, cols), lssp_rows.detach())
     mask = target_mask.to(per_token.dtype)
-    return LogProbs(per_token_logps=per_token, sum_logps=per_token.sum(dim=1),
-                    num_tokens=mask.sum(dim=1), mean_logits=mean_logits, log_sum_sq_probs=lssp)
+    return LogProbs(per_token_logps=per_token, sum_logps=per_token.sum(dim=1), num_tokens=mask.sum(dim=1),
+                    mean_logits=mean_logits, entropy=entropy, is_top1=is_top1, log_sum_sq_probs=lssp)
 
 
 def _pack(input_ids, attention_mask, completion_mask):
@@ -291,33 +333,41 @@ def packing_supported(model) -> bool:
 
 
 def batch_logprobs(model, input_ids, attention_mask, completion_mask, *, padding_free: bool | None = None,
-                   with_log_sum_sq: bool = False) -> LogProbs:
+                   with_log_sum_sq: bool = False, token_stats: bool = True) -> LogProbs:
     """`sequence_logprobs` on a right-padded block, through the packed path when
     `padding_free` is true, or is None (the default) and the model packs exactly
     (`packing_supported`)."""
     if padding_free is None:
         padding_free = packing_supported(model)
     if padding_free:
-        return _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq)
-    return _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq)
+        return _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq,
+                                token_stats=token_stats)
+    return _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq,
+                            token_stats=token_stats)
 
 
-def _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool) -> LogProbs:
-    return sequence_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq=with_log_sum_sq)
+def _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool, *,
+                     token_stats: bool = True) -> LogProbs:
+    return sequence_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq=with_log_sum_sq,
+                             token_stats=token_stats)
 
 
-def _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool) -> LogProbs:
+def _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool, *,
+                     token_stats: bool = True) -> LogProbs:
     ids, comp, pos, placement = _pack(input_ids, attention_mask, completion_mask)
-    out = sequence_logprobs(model, ids, None, comp, position_ids=pos, with_log_sum_sq=with_log_sum_sq)
+    out = sequence_logprobs(model, ids, None, comp, position_ids=pos, with_log_sum_sq=with_log_sum_sq,
+                            token_stats=token_stats)
     width = input_ids.shape[1]
     per_token = _unpack(out.per_token_logps, placement, width)
     mean_logits = _unpack(out.mean_logits, placement, width)
+    entropy, is_top1 = ((None, None) if out.entropy is None else
+                        (_unpack(out.entropy, placement, width), _unpack(out.is_top1, placement, width)))
     lssp = None if out.log_sum_sq_probs is None else _unpack(out.log_sum_sq_probs, placement, width)
     mask = completion_mask.clone().bool()
     mask[:, 0] = False
     return LogProbs(per_token_logps=per_token, sum_logps=per_token.sum(dim=1),
                     num_tokens=mask.to(per_token.dtype).sum(dim=1), mean_logits=mean_logits,
-                    log_sum_sq_probs=lssp)
+                    entropy=entropy, is_top1=is_top1, log_sum_sq_probs=lssp)
 
 
 def ld_weighted(per_token: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -333,15 +383,18 @@ def ld_weighted(per_token: torch.Tensor, mask: torch.Tensor, alpha: float) -> to
 
 
 def preference_logprobs(model, batch: PreferenceBatch, *, ld_alpha: float | None = None,
-                        use_weighting: bool = False, padding_free: bool | None = None) -> PreferenceLogProbs:
-    """Chosen and rejected log-probs from one concatenated forward (TRL's DPO inputs)."""
+                        use_weighting: bool = False, padding_free: bool | None = None,
+                        token_stats: bool = True) -> PreferenceLogProbs:
+    """Chosen and rejected log-probs from one concatenated forward (TRL's DPO inputs), with
+    the entropy / token-accuracy metrics when `token_stats`."""
     from rayalign.losses import wpo_weights
 
     device = _device(model)
     ids = batch.input_ids.to(device)
     attn = batch.attention_mask.to(device)
     comp = batch.completion_mask.to(device)
-    out = batch_logprobs(model, ids, attn, comp, padding_free=padding_free, with_log_sum_sq=use_weighting)
+    out = batch_logprobs(model, ids, attn, comp, padding_free=padding_free, with_log_sum_sq=use_weighting,
+                         token_stats=token_stats)
     mask = comp.clone().bool()
     mask[:, 0] = False
     logps = out.sum_logps if ld_alpha is None else ld_weighted(out.per_token_logps, mask, ld_alpha)
@@ -352,20 +405,25 @@ def preference_logprobs(model, batch: PreferenceBatch, *, ld_alpha: float | None
     if use_weighting:
         w = wpo_weights(out.per_token_logps, out.log_sum_sq_probs, mask)
         weights = (w[:b], w[b:])
+    stats = {}
+    if token_stats:  # TRL's entropy: completion tokens of both halves; mean_token_accuracy: chosen ones
+        stats = {"entropy": (out.entropy * mask).sum() / mask.sum().clamp(min=1),
+                 "chosen_token_accuracy": (out.is_top1[:b] & c_mask).sum() / c_tokens}
     return PreferenceLogProbs(
         chosen_logps=logps[:b], rejected_logps=logps[b:],
         chosen_lengths=out.num_tokens[:b], rejected_lengths=out.num_tokens[b:],
         chosen_mean_logits=(out.mean_logits[:b] * c_mask).sum() / c_tokens,
         rejected_mean_logits=(out.mean_logits[b:] * r_mask).sum() / r_tokens,
         chosen_per_token_logps=out.per_token_logps[:b],
-        chosen_weights=weights[0], rejected_weights=weights[1])
+        chosen_weights=weights[0], rejected_weights=weights[1], **stats)
 
 
 def sft_logprobs(model, batch: SequenceBatch, *, padding_free: bool | None = None) -> LogProbs:
     """Completion log-probs of single sequences (the SFT job)."""
     device = _device(model)
     return batch_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
-                          batch.completion_mask.to(device), padding_free=padding_free)
+                          batch.completion_mask.to(device), padding_free=padding_free,
+                          token_stats=False)  # the SFT objective logs no entropy / token accuracy (yet)
 
 
 # ----------------------------------------------------------------------------- reward models

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from rayalign.batch import PreferenceBatch
 from rayalign.losses import wpo_weights
-from rayalign.models.logprobs import preference_logprobs, selective_log_softmax, sequence_logprobs
+from rayalign.models.logprobs import batch_logprobs, preference_logprobs, selective_log_softmax, sequence_logprobs
 
 ROWS = [
     {"prompt_ids": [3, 5, 6, 7], "chosen_ids": [8, 9, 1], "rejected_ids": [10, 1]},
@@ -89,6 +89,37 @@ def test_wpo_weights_against_naive(tiny_model_dir):
     with torch.no_grad():
         out = preference_logprobs(m, batch, use_weighting=True)
     assert torch.allclose(torch.cat([out.chosen_weights, out.rejected_weights]), want, atol=1e-5)
+
+
+def _greedy_first_chosen(m, batch):
+    """`batch` with chosen row 0's completion replaced by the model's greedy continuation."""
+    ids = batch.input_ids.clone()
+    with torch.no_grad():
+        for t in batch.completion_mask[0].nonzero().flatten().tolist():
+            ids[0, t] = m(input_ids=ids[:1, :t]).logits[0, -1].argmax()
+    return PreferenceBatch(input_ids=ids, attention_mask=batch.attention_mask, completion_mask=batch.completion_mask)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_entropy_and_top1_equal_the_full_softmax_padded_and_packed(tiny_model_dir, padding_free):
+    """Per-token entropy and argmax hits at completion positions (0 / False elsewhere), and the
+    DPO metrics built from them: entropy over both halves, accuracy over chosen tokens."""
+    m = model(tiny_model_dir)
+    batch = _greedy_first_chosen(m, PreferenceBatch.from_rows(ROWS, pad_token_id=2))
+    _, logp = naive(m, batch)
+    logp = logp[:, :-1]
+    mask = batch.completion_mask[:, 1:].bool()
+    want_entropy = -(logp.exp() * logp).sum(-1) * mask
+    want_top1 = (logp.argmax(-1) == batch.input_ids[:, 1:]) & mask
+    with torch.no_grad():
+        out = batch_logprobs(m, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                             padding_free=padding_free)
+        pref = preference_logprobs(m, batch, padding_free=padding_free)
+    assert torch.allclose(out.entropy[:, 1:], want_entropy, atol=1e-5) and not out.entropy[:, 0].any()
+    assert torch.equal(out.is_top1[:, 1:], want_top1) and not out.is_top1[:, 0].any()
+    assert want_top1[0].sum() == 3 and want_top1.sum() < mask.sum()  # the greedy row hits, not every token
+    assert torch.allclose(pref.entropy, want_entropy.sum() / mask.sum(), atol=1e-6)
+    assert pref.chosen_token_accuracy.item() == pytest.approx(want_top1[:3].sum().item() / mask[:3].sum().item())
 
 
 def test_peft_lora_model_gives_gradients_only_to_the_adapter(tiny_model_dir):
@@ -175,12 +206,33 @@ def test_completion_only_chunked_head_gives_the_full_logits_numbers_and_gradient
         (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
         results[name] = (out, {n: p.grad.clone() for n, p in m.named_parameters()})
     (a, ga), (b, gb) = results["chunked"], results["full"]
-    for field in ("chosen_logps", "rejected_logps", "chosen_mean_logits", "chosen_weights"):
+    for field in ("chosen_logps", "rejected_logps", "chosen_mean_logits", "chosen_weights", "entropy",
+                  "chosen_token_accuracy"):
         assert torch.allclose(getattr(a, field), getattr(b, field), atol=1e-5), field
     assert ga.keys() == gb.keys()
     for n in ga:
         assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-4), n
     assert any(g.abs().sum() > 0 for g in ga.values())
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 7 * 320])
+def test_token_stats_off_gives_the_same_log_probs_and_gradients(tiny_model_dir, monkeypatch, chunk_elements):
+    """A reference's forward skips entropy and argmax; its log-probs and gradients are unchanged."""
+    from rayalign.models import logprobs as lp
+
+    monkeypatch.setattr(lp, "HEAD_CHUNK_ELEMENTS", chunk_elements)
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)
+    results = []
+    for token_stats in (True, False):
+        m = model(tiny_model_dir)
+        out = preference_logprobs(m, batch, use_weighting=True, token_stats=token_stats)
+        (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
+        results.append((out, [p.grad for p in m.parameters()]))
+    (a, ga), (b, gb) = results
+    assert b.entropy is None and b.chosen_token_accuracy is None and a.entropy is not None
+    for field in ("chosen_logps", "rejected_logps", "chosen_mean_logits", "chosen_weights"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
 
 
 def _reward_model(tiny_model_dir, pad_token_id: int):

@@ -56,8 +56,11 @@ def assert_learned(out):
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"] + 0.05
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "learning_rate",
-                "grad_norm", "epoch"):
+                "grad_norm", "epoch", "entropy", "mean_token_accuracy", "num_tokens"):
         assert key in rows[-1], key
+    assert 0 < rows[-1]["entropy"] and 0 <= rows[-1]["mean_token_accuracy"] <= 1
+    totals = [r["num_tokens"] for r in rows]  # TRL's running count of attention-mask tokens
+    assert totals == sorted(totals) and totals[0] > 0 and totals[-1] > totals[0]
 
 
 @pytest.fixture(scope="module")

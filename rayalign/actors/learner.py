@@ -84,6 +84,7 @@ class PolicyLearner(DistributedWorker):
         self._grad_norm: float | None = None  # of the last optimizer step
         self.num_tokens = 0  # attention-mask tokens all learners have trained on in this run (TRL's num_tokens)
         self._weight_sender = None  # rank 0's end of the nccl weight-sync group
+        self._ipc_buffers = None  # rank 0: the GPU buckets the last cuda_ipc export shares
         self._outgoing: dict | None = None  # prepared weights awaiting broadcast_weights
 
     # ------------------------------------------------------------------ setup
@@ -285,6 +286,35 @@ class PolicyLearner(DistributedWorker):
         self._outgoing = state
         return WeightExport(fingerprint=weight_sync.sent_fingerprint(state), probe=probe_logps,
                             num_tensors=len(state), meta=weight_sync.describe(state))
+
+    def export_ipc(self, probe: list[int] | None = None, bucket_bytes: int | None = None) -> WeightExport | None:
+        """export_weights for the cuda_ipc channel: rank 0 packs the push's tensors into GPU
+        buckets, exports each as a CUDA IPC handle and keeps the buffers until `release_ipc`;
+        `meta` holds the buckets' update infos for the engines (rayalign/weight_sync/cuda_ipc.py)."""
+        from rayalign import weight_sync
+        from rayalign.weight_sync import cuda_ipc
+
+        state, probe_logps = self._weights_for_push(probe, copy_to=None)
+        if self.rank != 0:
+            return None
+        self._ipc_buffers, buckets = cuda_ipc.bucket_infos(state, bucket_bytes or weight_sync.nccl.BUCKET_BYTES)
+        return WeightExport(fingerprint=weight_sync.sent_fingerprint(state), probe=probe_logps,
+                            num_tensors=len(state), meta=buckets)
+
+    def release_ipc(self) -> None:
+        """Drop the buffers the last export_ipc shared (every engine has loaded them)."""
+        import torch
+
+        self._ipc_buffers = None
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()
+
+    def gpu_uuid(self) -> str | None:
+        import torch
+
+        from rayalign.weight_sync.cuda_ipc import gpu_uuid
+
+        return gpu_uuid() if torch.cuda.is_available() else None
 
     def broadcast_weights(self) -> None:
         """Rank 0: broadcast what prepare_weights took (the engines receive at the same time)."""

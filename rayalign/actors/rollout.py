@@ -119,6 +119,28 @@ class Rollout:
     def get_version(self) -> int:
         return self.version
 
+    # ------------------------------------------------- cuda_ipc weight sync (rayalign/weight_sync/cuda_ipc.py)
+
+    def gpu_uuid(self) -> str | None:
+        """The physical GPU this actor was given (None on CPU)."""
+        from rayalign.weight_sync.cuda_ipc import gpu_uuid
+
+        return gpu_uuid() if torch.cuda.is_available() else None
+
+    def open_ipc_receiver(self) -> None:
+        self.engine.open_ipc_receiver()
+
+    def receive_ipc(self, buckets: list[dict], version: int, probe: list[int] | None = None) -> LoadResult:
+        """update_weights from the CUDA IPC buckets learner rank 0 exported on this GPU."""
+        t0 = time.time()
+        self._fingerprint = self.engine.receive_ipc(buckets, version)
+        self.version = int(version)
+        return self._loaded(t0, probe)
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next push (sleep_between_steps)."""
+        self.engine.sleep()
+
     # ------------------------------------------------- nccl weight sync (rayalign/weight_sync/nccl.py)
 
     def open_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int, kind: str,

@@ -92,6 +92,11 @@ class OnlineDPOConfig(TrainConfig, SamplingConfig):
         if self.rollout.max_model_len is not None and self.max_length is not None:
             _require(self.rollout.max_model_len >= self.max_new_tokens, "rollout.max_model_len",
                      "must be >= max_new_tokens")
+        if self.rollout.weight_sync == "cuda_ipc":  # the engines map learner rank 0's GPU memory
+            _require(0 < self.learner.num_gpus_per_actor < 1 and self.learner.num_actors == 1, "rollout.weight_sync",
+                     "cuda_ipc: one learner on a fraction of the GPU its engines share (learner.num_actors=1, "
+                     f"learner.num_gpus_per_actor in (0, 1); got {self.learner.num_actors} x "
+                     f"{self.learner.num_gpus_per_actor})")
         if self.rollout.weight_sync == "nccl":  # learner rank 0 is the broadcast's sender, on its GPU
             _require(self.learner.num_gpus_per_actor >= 1 and float(self.learner.num_gpus_per_actor).is_integer(),
                      "rollout.weight_sync", f"nccl needs whole-GPU learners (learner.num_gpus_per_actor >= 1, got "

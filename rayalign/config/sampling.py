@@ -56,7 +56,9 @@ class RolloutConfig:
     (Ray's object store; every platform) or `nccl` (a broadcast group between learner rank 0
     and the engines' workers, set up once; GPU learners and rollout actors, whole GPUs;
     rayalign/weight_sync/); `auto` is nccl when both hold whole GPUs and the backend is
-    vLLM, object_store otherwise.
+    vLLM, `cuda_ipc` (learner and engine on fractions of one GPU: the weights are shared through
+    CUDA IPC handles, rayalign/weight_sync/cuda_ipc.py) when both hold fractional GPUs and the
+    backend is vLLM, object_store otherwise.
     """
 
     backend: str = "auto"  # or a name in rayalign.engines.ENGINES
@@ -75,6 +77,9 @@ class RolloutConfig:
     verify_weights: bool = True  # after each push: fingerprint of what every engine loaded + probe log-probs
     probe_tolerance: float = 1e-3  # max |log-prob| gap engine vs learner on the probe (fp32; raise for bf16)
     hf_batch_size: int = 64  # HF backend: sequences per generate call
+    # cuda_ipc (a colocated engine): vLLM sleeps while the learner trains (KV cache and weights
+    # freed, woken by the next push). null: true with cuda_ipc, false otherwise.
+    sleep_between_steps: bool | None = None
 
     def __post_init__(self):
         _one_of(self.backend, "rollout.backend", rollout_backends())
@@ -94,15 +99,23 @@ class RolloutConfig:
         if self.weight_sync == "nccl":
             _require(self.num_gpus_per_actor > 0, "rollout.weight_sync",
                      "nccl needs GPU rollout actors (rollout.num_gpus_per_actor > 0)")
-            # NCCL refuses two ranks of one group on the same GPU: fractional GPUs would
-            # colocate engines (that needs CUDA IPC, not implemented); use object_store.
+            # NCCL refuses two ranks of one group on the same GPU: fractional GPUs colocate
+            # engines with the learner, which is cuda_ipc's case.
             _require(self.num_gpus_per_actor >= 1 and float(self.num_gpus_per_actor).is_integer(),
                      "rollout.num_gpus_per_actor", f"weight_sync=nccl needs whole GPUs per rollout actor, got "
-                     f"{self.num_gpus_per_actor} (colocated engines: use weight_sync=object_store)")
+                     f"{self.num_gpus_per_actor} (colocated engines: use weight_sync=cuda_ipc)")
             _require(self.backend == "hf" or self.num_gpus_per_actor >= self.tensor_parallel_size,
                      "rollout.tensor_parallel_size", f"weight_sync=nccl: each of the {self.tensor_parallel_size} "
                      f"vLLM workers of an actor joins the broadcast group on its own GPU, but "
                      f"rollout.num_gpus_per_actor={self.num_gpus_per_actor}")
+        if self.weight_sync == "cuda_ipc":
+            _require(0 < self.num_gpus_per_actor < 1, "rollout.weight_sync",
+                     f"cuda_ipc shares the learner's GPU: rollout.num_gpus_per_actor must be a fraction in (0, 1), "
+                     f"got {self.num_gpus_per_actor} (engines on GPUs of their own: nccl; CPU: object_store)")
+            _require(self.backend in ("auto", "vllm"), "rollout.weight_sync",
+                     f"cuda_ipc loads through vLLM's weight-transfer API; rollout.backend={self.backend} has none")
+            _require(self.tensor_parallel_size == 1, "rollout.weight_sync",
+                     "cuda_ipc: a colocated engine runs on the learner's one GPU (tensor_parallel_size=1)")
 
 
 DEFAULT_JUDGE_TEMPLATE = (

@@ -181,6 +181,7 @@ class OnlineDPOJob(runner.Job):
                                                                     for p in pairs]))
         out.metrics["val/contain_eos_token"] = float(np.mean([c["eos"] for c in flat]))
 
+        self.sync.before_train()  # colocated engines give the GPU back until the push
         t = time.time()
         beta = cfg.beta_for_epoch(step // self.steps_per_epoch)
         per = len(pairs) // len(self.learners)

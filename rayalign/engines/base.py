@@ -87,6 +87,11 @@ class RolloutEngine(ABC):
         return False
 
     @classmethod
+    def receives_ipc(cls) -> bool:
+        """Whether the engine can load weights from CUDA IPC handles (the cuda_ipc channel)."""
+        return False
+
+    @classmethod
     def actor_env(cls, rcfg) -> dict[str, str]:
         """Environment variables the rollout actor needs before the engine is imported."""
         return {}
@@ -119,6 +124,21 @@ class RolloutEngine(ABC):
     def receive(self, meta: list[dict], version: int) -> dict[str, float]:
         """The nccl channel: receive one push of the tensors `meta` lists (name, dtype,
         shape, in send order) and load it; returns the fingerprint of the received tensors."""
+
+    def open_ipc_receiver(self) -> None:
+        """The cuda_ipc channel: get ready to load from IPC handles (engines that `receives_ipc`)."""
+        raise NotImplementedError(f"rollout engine {self.name!r} cannot load weights over CUDA IPC")
+
+    def receive_ipc(self, buckets: list[dict], version: int) -> dict[str, float]:
+        """The cuda_ipc channel: load the buckets (`weight_sync.cuda_ipc.bucket_infos`) the
+        learner exported; returns the fingerprint of the received tensors."""
+        raise NotImplementedError(f"rollout engine {self.name!r} cannot load weights over CUDA IPC")
+
+    def sleep(self) -> None:
+        """Free the GPU memory the engine holds (its weights are replaced by the next load)."""
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Undo `sleep` for `tags` ("weights", "kv_cache"; None: all)."""
 
     @abstractmethod
     def fingerprint(self) -> dict[str, float] | None:

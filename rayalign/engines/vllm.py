@@ -51,6 +51,7 @@ class VLLMEngine(RolloutEngine):
                        tensor_parallel_size=rcfg.tensor_parallel_size, trust_remote_code=trust_remote_code,
                        seed=0, skip_tokenizer_init=False, **vllm_engine_kwargs(rcfg))
         self.in_process = rcfg.tensor_parallel_size == 1
+        self._asleep: set[str] = set()  # what `sleep` freed and no `wake_up` gave back yet
 
     # -------------------------------------------------------------- class-level facts
 
@@ -98,6 +99,7 @@ class VLLMEngine(RolloutEngine):
             repetition_penalty=sampling.get("repetition_penalty", 1.0), seed=seed, **extra)
 
     def generate(self, ids: list[list[int]], sampling: dict, seed: int | None, eos_ids: set[int]) -> list:
+        self.wake_up()  # asleep since the last train step without a push since (sleep_between_steps)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], self._params(sampling, seed),
                                     use_tqdm=False)
         result = []
@@ -130,13 +132,44 @@ class VLLMEngine(RolloutEngine):
             WeightTransferInitRequest(init_info=vllm_init_info(host, port, world_size, rank_offset)))
 
     def receive(self, meta: list[dict], version: int) -> dict[str, float]:
+        return self._receive_updates([vllm_update_info(meta)], version)
+
+    def open_ipc_receiver(self) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        # packed: each bucket is one buffer, unpacked by vLLM's packed IPC consumer
+        self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info={"packed": True}))
+
+    def receive_ipc(self, buckets: list[dict], version: int) -> dict[str, float]:
+        return self._receive_updates(buckets, version)
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=2)  # drop the weights too: the next push overwrites them anyway
+        self._asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        wanted = self._asleep if tags is None else self._asleep & set(tags)
+        if wanted:
+            self.llm.wake_up(tags=sorted(wanted))
+            self._asleep = self._asleep - wanted
+
+    @classmethod
+    def receives_ipc(cls) -> bool:
+        return True
+
+    def _receive_updates(self, updates: list[dict], version: int) -> dict[str, float]:
+        """One weight update through vLLM's weight-transfer engine (its wire: an NCCL broadcast,
+        or one packed CUDA IPC buffer per bucket); the fingerprint of what its loader got."""
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         llm = self.llm
+        self.wake_up(["weights"])
         llm.collective_rpc(_tap)
         llm.start_weight_update()
-        llm.update_weights(WeightTransferUpdateRequest(update_info=vllm_update_info(meta)))
+        for update in updates:
+            llm.update_weights(WeightTransferUpdateRequest(update_info=update))
         llm.finish_weight_update(weight_version=str(version))
+        self.wake_up(["kv_cache"])
         fingerprints = llm.collective_rpc(_tapped)
         for worker, fp in enumerate(fingerprints[1:], start=1):
             if not weights_lib.fingerprints_match(fp, fingerprints[0]):
@@ -175,12 +208,17 @@ def vllm_model_dir(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
 
 
 def vllm_engine_kwargs(rcfg) -> dict[str, Any]:
-    """Extra `vllm.LLM` arguments: the weight-transfer engine the nccl channel drives."""
-    if rcfg.weight_sync != "nccl":
+    """Extra `vllm.LLM` arguments: the weight-transfer engine the nccl or cuda_ipc channel
+    drives, and sleep mode for a colocated engine that frees the GPU while the learner trains."""
+    if rcfg.weight_sync not in ("nccl", "cuda_ipc"):
         return {}
     from vllm.config import WeightTransferConfig
 
-    return {"weight_transfer_config": WeightTransferConfig(backend="nccl")}
+    kwargs: dict[str, Any] = {"weight_transfer_config": WeightTransferConfig(
+        backend="nccl" if rcfg.weight_sync == "nccl" else "ipc")}
+    if rcfg.weight_sync == "cuda_ipc" and rcfg.sleep_between_steps is not False:
+        kwargs["enable_sleep_mode"] = True
+    return kwargs
 
 
 def vllm_init_info(host: str, port: int, world_size: int, rank_offset: int) -> dict:

@@ -89,6 +89,10 @@ class WeightChannel(ABC):
                                   f"{self.cfg.rollout.probe_tolerance}): the engine is not using the pushed weights")
         return {"sync/probe_max_abs_diff": float(worst)}
 
+    def before_train(self) -> None:
+        """Called before each train step (after generation): a colocated channel lets its
+        engines free the GPU here. Default: nothing."""
+
     def log_to(self, log_dir: str) -> None:
         """Start appending the audit trail to `<log_dir>/weight_sync.jsonl` (pushes so far too)."""
         self.log_path = os.path.join(log_dir, "weight_sync.jsonl")

@@ -3,7 +3,8 @@
 A checkpoint directory `<output_dir>/checkpoint-<step>/` holds:
 
     model.safetensors, config.json, generation_config.json, tokenizer files, README.md
-        (or adapter_model.safetensors + adapter_config.json for LoRA)
+        (or adapter_model.safetensors + adapter_config.json for LoRA; a sharded save:
+        model.safetensors.index.json + the model-0000i-of-0000n.safetensors it names)
     rayalign_config.yaml      the run config, as text (never a pickle)
     trainer_state.json        transformers' TrainerState layout (global_step, epoch, log_history, ...);
                               the step also fixes the data position
@@ -11,6 +12,7 @@ A checkpoint directory `<output_dir>/checkpoint-<step>/` holds:
     learner_state/shared.json / .safetensors   trainable weights, scheduler and engine
                               counters (rank 0), and the optimizer when it is replicated (ZeRO-0)
     learner_state/rank_<rank>.json / .safetensors   each rank's ZeRO optimizer partition
+                              (no rng_state / learner_state with save_only_model: not resumable)
     rayalign_complete.json    the completion marker, written last
 
 Nothing in a checkpoint is a pickle: state is written with `save_state` (tensors in
@@ -32,6 +34,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -48,7 +51,12 @@ logger = logging.getLogger("rayalign")
 MARKER = "rayalign_complete.json"
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "chat_template.jinja", "README.md", "rayalign_config.yaml")
+               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
+               "added_tokens.json", "README.md", "rayalign_config.yaml")
+WEIGHT_INDEX = "model.safetensors.index.json"
+# save_pretrained's shards past max_shard_size (save_max_shard_size): model-00001-of-00003.safetensors
+SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+WEIGHT_FILES = ("model.safetensors", WEIGHT_INDEX, "adapter_model.safetensors")
 
 
 LEARNER_STATE = "learner_state"
@@ -148,7 +156,17 @@ def check_resumable(path: str) -> dict:
             f"format ({_LEGACY_STATE}/*.pt). Unpickling a file can run arbitrary code, so this checkpoint will "
             f"not be loaded. To continue from its weights, start a new run with model_name_or_path={path}.")
     raise CheckpointError(f"{path}: no learner state ({LEARNER_STATE}/shared.json): it holds model weights "
-                          "only and cannot be resumed; use it as model_name_or_path instead")
+                          "only (a save_only_model=true checkpoint, which transformers cannot resume either) and "
+                          "cannot be resumed; start a new run from its weights with model_name_or_path instead")
+
+
+def is_resumable(path: str) -> bool:
+    """A complete checkpoint with learner state (not a save_only_model one)."""
+    try:
+        check_resumable(path)
+        return True
+    except CheckpointError:
+        return False
 
 
 def is_complete(path: str) -> bool:
@@ -238,18 +256,39 @@ def download_checkpoint(path: str, local_root: str) -> str:
     return dest
 
 
+def model_files(directory: str) -> list[str]:
+    """The model files (MODEL_FILES) a model dir or checkpoint holds, with every shard its
+    `model.safetensors.index.json` names (a local path or a URI)."""
+    fs, p = _fs(directory)
+    infos = fs.get_file_info([_join(p, name) for name in MODEL_FILES])
+    names = [name for name, info in zip(MODEL_FILES, infos) if info.type == pafs.FileType.File]
+    if WEIGHT_INDEX in names:
+        with fs.open_input_stream(_join(p, WEIGHT_INDEX)) as f:
+            index = json.loads(f.read().decode())
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        bad = [s for s in shards if not SHARD.fullmatch(s)]
+        if bad:
+            raise CheckpointError(f"{directory}: {WEIGHT_INDEX} names shards outside save_pretrained's layout: {bad}")
+        names += shards
+    return names
+
+
 def publish_model(checkpoint_path: str, output_dir: str) -> str:
-    """Copy a checkpoint's model files (not optimizer state) into `output_dir` itself,
-    each file replaced atomically, so output_dir loads with from_pretrained."""
+    """Copy a checkpoint's model files (not optimizer state; every shard of a sharded save)
+    into `output_dir` itself, each file replaced atomically, then remove weight files of an
+    earlier publish that this model lacks (a sharded model over an unsharded one), so
+    output_dir loads with from_pretrained."""
     src_fs, src = _fs(checkpoint_path)
     dst_fs, dst = _fs(output_dir)
-    for name in MODEL_FILES:
-        s = _join(src, name)
-        if src_fs.get_file_info(s).type != pafs.FileType.File:
-            continue
+    names = model_files(checkpoint_path)
+    for name in names:
         tmp = _join(dst, f".{name}.tmp")
-        pafs.copy_files(s, tmp, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        pafs.copy_files(_join(src, name), tmp, source_filesystem=src_fs, destination_filesystem=dst_fs)
         dst_fs.move(tmp, _join(dst, name))
+    for info in dst_fs.get_file_info(pafs.FileSelector(dst, allow_not_found=True)):
+        stale = info.base_name in WEIGHT_FILES or SHARD.fullmatch(info.base_name)
+        if stale and info.base_name not in names and info.type == pafs.FileType.File:
+            dst_fs.delete_file(info.path)
     return output_dir
 
 
@@ -287,10 +326,21 @@ Trained with [rayalign](https://github.com/rayalign/rayalign); the run config is
     Path(directory, "README.md").write_text(card)
 
 
-def save_run_config(directory: str, cfg) -> None:
-    from rayalign.config import to_yaml
+def config_dict(cfg) -> dict:
+    """`to_dict(cfg)` as it may be written to files and trackers: without hub_token (as
+    transformers' TrainingArguments.to_dict masks its *_token fields)."""
+    from rayalign.config import to_dict
 
-    Path(directory, "rayalign_config.yaml").write_text(to_yaml(cfg))
+    out = to_dict(cfg)
+    if out.get("hub_token") is not None:
+        out["hub_token"] = None
+    return out
+
+
+def save_run_config(directory: str, cfg) -> None:
+    import yaml
+
+    Path(directory, "rayalign_config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
 
 
 def save_trainer_state(directory: str, state: dict) -> None:

@@ -10,6 +10,7 @@ included). The learner (`rayalign.actors.learner`) keeps one accumulation loop f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,6 +27,21 @@ NUM_TOKENS = "num_tokens"
 
 # Returns the reference log-probs (chosen, rejected) of a batch once they are needed.
 ReferenceFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A metric TRL pools across processes: one micro-batch's sum and count (its token-weighted
+    means: entropy, mean_token_accuracy, logits/*). The learner adds both up over the learners
+    for each micro-batch before dividing, as TRL's gathers do, and logs the mean of those ratios
+    over the micro-batches; on its own it is total / count, 0 without tokens (TRL's rule)."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    def __float__(self) -> float:
+        count = float(self.count)
+        return float(self.total) / count if count > 0 else 0.0
 
 
 def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig, reference: ReferenceFn | None = None,
@@ -53,10 +69,11 @@ def dpo_objective(model, batch: PreferenceBatch, cfg: DPOConfig, reference: Refe
         chosen_weights=out.chosen_weights, rejected_weights=out.rejected_weights,
     )
     metrics = dict(metrics)
-    metrics["logits/chosen"] = out.chosen_mean_logits.detach().mean()
-    metrics["logits/rejected"] = out.rejected_mean_logits.detach().mean()
-    metrics["entropy"] = out.entropy
-    metrics["mean_token_accuracy"] = out.chosen_token_accuracy.float()
+    c_tokens, r_tokens = out.chosen_lengths.sum(), out.rejected_lengths.sum()
+    metrics["logits/chosen"] = Pooled(out.chosen_logits_sum.detach(), c_tokens)
+    metrics["logits/rejected"] = Pooled(out.rejected_logits_sum.detach(), r_tokens)
+    metrics["entropy"] = Pooled(out.entropy_sum, c_tokens + r_tokens)
+    metrics["mean_token_accuracy"] = Pooled(out.chosen_top1_sum, c_tokens)
     metrics[NUM_TOKENS] = batch_tokens(batch)
     metrics["loss"] = loss.detach()
     return loss, metrics
@@ -125,11 +142,15 @@ def online_dpo_objective(model, batch: PreferenceBatch, cfg, beta: float,
 
 
 def sft_objective(model, batch: SequenceBatch, cfg) -> tuple[torch.Tensor, dict]:
-    """Mean NLL over completion tokens (TRL SFTTrainer's completion-only loss)."""
+    """Mean NLL over completion tokens (TRL SFTTrainer's completion-only loss), with TRL's
+    entropy and mean_token_accuracy (first-argmax hits) over the same tokens."""
     out = sft_logprobs(model, batch, padding_free=cfg.padding_free)
-    mask = batch.completion_mask.to(out.per_token_logps.device)  # per-token logps are unshifted
+    mask = batch.completion_mask.to(out.per_token_logps.device).clone()  # per-token logps are unshifted:
+    mask[:, 0] = 0  # a row's first token is never predicted (TRL's labels[:, 1:]), even if it is a completion's
     loss = losses.sft_loss(out.per_token_logps, mask)
-    return loss, {"loss": loss.detach(), NUM_TOKENS: batch_tokens(batch)}
+    tokens = out.num_tokens.sum()  # the same tokens: TRL's label mask
+    return loss, {"loss": loss.detach(), "entropy": Pooled(out.entropy.sum(), tokens),
+                  "mean_token_accuracy": Pooled(out.is_top1.sum(), tokens), NUM_TOKENS: batch_tokens(batch)}
 
 
 def reward_objective(model, batch: PreferenceBatch, cfg: RewardConfig) -> tuple[torch.Tensor, dict]:

@@ -33,6 +33,11 @@ RUN_FILES = ("metrics.jsonl", "metrics.png", "runs", "tables", "weight_sync.json
              "train_results.json", "eval_results.json", "all_results.json", *ckpt.MODEL_FILES)
 SCRATCH_PREFIXES = (".tmp-", ".staging-")
 
+
+def is_run_file(name: str) -> bool:
+    """A top-level entry a run writes: RUN_FILES, or a shard of a sharded published model."""
+    return name in RUN_FILES or bool(ckpt.SHARD.fullmatch(name))
+
 # Fields a resumed run must share with the checkpoint's run: they fix the model, the data
 # order and position, the per-rank optimizer state layout, or the objective.
 RESUME_MUST_MATCH = ("model_name_or_path", "tokenizer_path", "train_dataset", "dataset_name", "dataset_config",
@@ -64,7 +69,7 @@ def _inside(child: str, parent: str) -> bool:
 def run_entries(output_dir: str) -> list[str]:
     """The entries of `output_dir` that belong to a training run (empty: a fresh dir)."""
     names = storage.listdir(output_dir)
-    return [n for n in names if n in RUN_FILES or (n.startswith("checkpoint-") and n[11:].isdigit())]
+    return [n for n in names if is_run_file(n) or (n.startswith("checkpoint-") and n[11:].isdigit())]
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -191,7 +196,7 @@ class RunDir:
             if self.resume_step is not None:
                 old = step is not None and step > self.resume_step
             else:
-                old = name in RUN_FILES or name.startswith(SCRATCH_PREFIXES) or step is not None
+                old = is_run_file(name) or name.startswith(SCRATCH_PREFIXES) or step is not None
             if not old or (step is not None and self._is_ours(info.path)):
                 continue
             if info.type == pafs.FileType.Directory:
@@ -230,10 +235,11 @@ class RunDir:
         self.release()
 
     def latest_checkpoint(self) -> str | None:
-        """The newest complete checkpoint this run wrote (for recovery after actor failures)."""
+        """The newest complete checkpoint this run wrote (for recovery after actor failures);
+        save_only_model checkpoints (no learner state) cannot be restored and are passed over."""
         for _, path in reversed(ckpt.list_checkpoints(self.out)):
             try:
-                if ckpt.verify_checkpoint(path).get("run_id") == self.run_id:
+                if ckpt.verify_checkpoint(path).get("run_id") == self.run_id and ckpt.is_resumable(path):
                     return path
             except ckpt.CheckpointError:
                 continue
@@ -273,7 +279,10 @@ def check_resume(cfg: TrainConfig, total_steps: int) -> tuple[str, int]:
             f"resume_from_checkpoint={path}: output_dir={cfg.output_dir} also holds later checkpoints "
             f"({', '.join(later)}) that this run would not replace; set overwrite_output_dir: true to remove "
             "them once the resumed run's first step succeeded, or resume from the latest")
-    ckpt.check_resumable(path)  # learner state in rayalign's pickle-free format, never an old pickle
+    try:
+        ckpt.check_resumable(path)  # learner state in rayalign's pickle-free format, never an old pickle
+    except ckpt.CheckpointError as exc:
+        raise ckpt.CheckpointError(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: {exc}") from None
     return path, step
 
 

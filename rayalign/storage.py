@@ -146,3 +146,54 @@ class RunFiles:
                 copy_dir(src, join(self.output_dir, name))
             elif os.path.isfile(src):
                 copy_file(src, join(self.output_dir, name))
+
+
+class StorageError(ValueError):
+    """A run directory the cluster's nodes cannot all reach."""
+
+
+def _sees(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_shared(path: str, field: str = "output_dir", nodes=None, sees=None) -> None:
+    """On a multi-node Ray cluster a local `path` (not a URI) must be on storage every node
+    mounts: learners on other nodes write checkpoints there and a recovered run reads them back.
+    A probe file is written next to `path` by the driver and looked for from every alive node
+    (a zero-CPU task pinned to it); a node that cannot see it fails the run before any actor
+    starts. `nodes` / `sees` replace Ray's node list and the per-node look-up in tests of the
+    decision (a node-local disk cannot exist on one machine)."""
+    import uuid
+
+    import ray
+
+    if is_uri(path):
+        return
+    if nodes is None:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    base = os.path.abspath(path)
+    while not os.path.isdir(base):
+        base = os.path.dirname(base)
+    probe = os.path.join(base, f".rayalign-probe-{uuid.uuid4().hex}")
+    with open(probe, "w") as f:
+        f.write("probe")
+    try:
+        if sees is None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            look = ray.remote(num_cpus=0)(_sees)
+            refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                                 ).remote(probe) for n in nodes]
+            seen = ray.get(refs, timeout=120)
+        else:
+            seen = [sees(n, probe) for n in nodes]
+    finally:
+        os.remove(probe)
+    blind = [n.get("NodeManagerAddress", n.get("NodeID")) for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise StorageError(
+            f"{field}: {path} is not visible from Ray node(s) {', '.join(map(str, blind))}: on a multi-node "
+            f"cluster checkpoints, metrics and the reference cache must be on storage every node mounts; give a "
+            f"path on a shared mount or a URI (s3://, gs://, file:// on a shared filesystem)")

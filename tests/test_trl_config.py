@@ -171,13 +171,13 @@ warmup_ratio: 0.1
 
 def test_refused_values_say_what_to_use_and_come_together():
     with pytest.raises(ConfigError) as err:
-        load_config(DPOConfig, None, {**REQUIRED, "fp16": True, "deepspeed": "ds.json", "push_to_hub": True,
+        load_config(DPOConfig, None, {**REQUIRED, "fp16": True, "deepspeed": "ds.json", "torch_compile": True,
                                       "beta": -1, "bogus": 1, "max_steps": "x"})
     lines = str(err.value).splitlines()
     assert len(lines) == 6, lines
     text = str(err.value)
-    for name, advice in (("fp16", "use bf16"), ("deepspeed", "learner.zero_stage"), ("push_to_hub", "upload"),
-                         ("beta", "> 0"), ("bogus", "unknown field"), ("max_steps", "integer")):
+    for name, advice in (("fp16", "use bf16"), ("deepspeed", "learner.zero_stage"),
+                         ("torch_compile", "accepted: False"), ("beta", "> 0"), ("bogus", "unknown field"), ("max_steps", "integer")):
         assert any(line.strip().startswith(f"{name}:") and advice in line for line in lines), (name, text)
 
 

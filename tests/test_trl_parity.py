@@ -241,6 +241,60 @@ def test_entropy_token_accuracy_and_num_tokens_match_trls_logged_values(setup):
     assert trainer._metrics["eval"]["num_tokens"] == theirs["num_tokens"]  # eval_num_tokens: the training total
 
 
+def test_sft_loss_entropy_token_accuracy_and_num_tokens_match_trls_sft_trainer(tiny_model_dir, demo_data_dir,
+                                                                              tmp_path):
+    """TRL SFTTrainer's tokenization and collation of prompt-completion rows equal rayalign's;
+    its loss, entropy and mean_token_accuracy (first-argmax hits, both over the label tokens:
+    the completions) and running num_tokens (attention-mask tokens), logged by its own
+    compute_loss in train and eval mode, equal sft_objective's, padded and packed."""
+    from trl import SFTConfig, SFTTrainer
+
+    from rayalign.batch import SequenceBatch
+    from rayalign.config import SFTConfig as OurSFTConfig
+    from rayalign.data import normalize_sft_row, tokenize_sft_row
+    from rayalign.objectives import sft_objective
+
+    tok = load_tokenizer(tiny_model_dir)
+    rows = [json.loads(line) for line in open(f"{demo_data_dir}/sft_train.jsonl")][:6]
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=6,
+                     max_length=64)
+    trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok)
+    t_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    labelled = t_batch["labels"] != -100
+    settings = TokenizeSettings(max_length=64)
+    ours_rows = [tokenize_sft_row(normalize_sft_row(r, "t", i), tok, settings) for i, r in enumerate(rows)]
+    o_batch = SequenceBatch.from_rows(ours_rows, tok.pad_token_id, max_length=64)
+    assert torch.equal(o_batch.input_ids, t_batch["input_ids"]), "tokenization"
+    assert torch.equal(o_batch.attention_mask, t_batch["attention_mask"].long())
+    assert torch.equal(o_batch.completion_mask.bool(), labelled)
+
+    t_batch = _greedy_in_every_other_chosen_row(trainer.model, {**t_batch, "completion_mask": labelled})
+    del t_batch["completion_mask"]
+    t_batch["labels"] = torch.where(labelled, t_batch["input_ids"], -100)
+    trainer.model.train()
+    with torch.no_grad():
+        for _ in range(2):  # two micro-batches: num_tokens is a running total
+            t_loss = trainer.compute_loss(trainer.model, dict(t_batch))
+        trainer.model.eval()
+        trainer.compute_loss(trainer.model, dict(t_batch))
+    theirs, theirs_eval = trainer._metrics["train"], trainer._metrics["eval"]
+    assert theirs["mean_token_accuracy"][-1] > 0.2  # rows 0 and 2 of 6 are greedy: scored as argmax hits
+
+    batch = SequenceBatch(input_ids=t_batch["input_ids"], attention_mask=t_batch["attention_mask"].long(),
+                          completion_mask=labelled.long())
+    for padding_free in (False, True):
+        cfg = OurSFTConfig(model_name_or_path="m", train_dataset="d.jsonl", padding_free=padding_free)
+        with torch.no_grad():
+            loss, ours = sft_objective(trainer.model, batch, cfg)
+        assert loss.item() == pytest.approx(t_loss.item(), rel=1e-5), padding_free
+        for k in ("entropy", "mean_token_accuracy"):
+            assert float(ours[k]) == pytest.approx(theirs[k][-1], rel=1e-5, abs=1e-6), (k, padding_free)
+            assert float(ours[k]) == pytest.approx(theirs_eval[k][-1], rel=1e-5, abs=1e-6), (k, padding_free)
+        assert 2 * float(ours["num_tokens"]) == theirs["num_tokens"][-1] == 2 * int(t_batch["attention_mask"].sum())
+    assert theirs_eval["num_tokens"] == theirs["num_tokens"]  # eval_num_tokens: the training total
+
+
 def test_exo_pair_float64_equals_trls_to_the_last_bit(setup):
     """TRL's exo_pair in float64 (its log(1 - eps) and log(eps) are of a float32 eps):
     float64 log-probs fed through TRL's own _compute_loss give rayalign's loss exactly."""

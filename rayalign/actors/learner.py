@@ -193,29 +193,43 @@ class PolicyLearner(DistributedWorker):
                      for i in range(ga)]
         step_inputs = {} if beta is None else {"beta": beta}
         totals: dict[str, float] = {}
+        pooled: dict[str, list[tuple[float, float]]] = {}  # (total, count) of each micro-batch
         for batch, inputs in micro:
             batch, reference = self._reference_later(batch)
             loss, metrics = self.objective.loss(self.engine, batch, reference, **inputs, **step_inputs)
             self.engine.backward(loss)
             self._step()
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                if isinstance(v, objectives.Pooled):
+                    pooled.setdefault(k, []).append((float(v.total), float(v.count)))
+                else:
+                    totals[k] = totals.get(k, 0.0) + float(v)
+        tokens = totals.pop(objectives.NUM_TOKENS, None)
         out = {k: v / ga for k, v in totals.items()}
-        if objectives.NUM_TOKENS in totals:
-            self.num_tokens += self._sum_over_learners(int(totals[objectives.NUM_TOKENS]))
+        pooled, tokens = self._sum_over_learners(pooled, tokens)
+        for k, parts in pooled.items():  # TRL: each micro-batch's ratio of the sums, then their mean
+            out[k] = sum(total / count if count > 0 else 0.0 for total, count in parts) / len(parts)
+        if tokens is not None:
+            self.num_tokens += int(tokens)
             out[objectives.NUM_TOKENS] = float(self.num_tokens)
         if self._grad_norm is not None:
             out["grad_norm"] = self._grad_norm
         out["learning_rate"] = float(self.engine.get_lr()[0])
         return out
 
-    def _sum_over_learners(self, n: int) -> int:
-        """`n` summed over the learner group (a collective: every rank calls it)."""
-        if self.world_size == 1:
-            return n
-        total = torch.tensor([n], dtype=torch.int64, device=self.engine.device)
-        torch.distributed.all_reduce(total)
-        return int(total.item())
+    def _sum_over_learners(self, pooled: dict[str, list[tuple[float, float]]], tokens: float | None):
+        """(`pooled` with every micro-batch's total and count summed over the learner group,
+        `tokens` summed over it) in one all-reduce — a collective: every rank calls it, with the
+        same keys and micro-batch counts. float64 holds token counts exactly."""
+        flat = [x for parts in pooled.values() for pair in parts for x in pair]
+        flat += [] if tokens is None else [tokens]
+        if self.world_size == 1 or not flat:
+            return pooled, tokens
+        summed = torch.tensor(flat, dtype=torch.float64, device=self.engine.device)
+        torch.distributed.all_reduce(summed)
+        values = iter(summed.tolist())
+        pooled = {k: [(next(values), next(values)) for _ in parts] for k, parts in pooled.items()}
+        return pooled, None if tokens is None else next(values)
 
     def _step(self) -> None:
         """engine.step(), keeping the pre-clipping gradient norm of an optimizer step (TRL's
@@ -326,22 +340,27 @@ class PolicyLearner(DistributedWorker):
         return module.get_base_model().config if self.cfg.lora.enabled else module.config
 
     @torch.no_grad()
-    def sum_eval_metrics(self, batches: list, weights: list[float]) -> dict[str, float]:
+    def sum_eval_metrics(self, batches: list, weights: list[float]) -> dict:
         """Weighted metric sums over eval batches (weight 0 pads ranks to equal counts, so
-        every rank runs the same number of forwards — ZeRO-3 gathers need that)."""
+        every rank runs the same number of forwards — ZeRO-3 gathers need that); under
+        "__pooled__" the weighted totals and counts of the `objectives.Pooled` metrics."""
         self.engine.eval()
         sums: dict[str, float] = {}
+        pooled: dict[str, tuple[float, float]] = {}
         total = 0.0
         for batch, w in zip(batches, weights):
             batch = self._with_reference(batch)
             _, metrics = self.objective.loss(self.engine, batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * w * len(batch)
+                if isinstance(v, objectives.Pooled):
+                    t, c = pooled.get(k, (0.0, 0.0))
+                    pooled[k] = (t + w * float(v.total), c + w * float(v.count))
             total += w * len(batch)
         if objectives.NUM_TOKENS in sums:  # TRL's eval_num_tokens is the training total so far,
             sums[objectives.NUM_TOKENS] = self.num_tokens * total  # weighted like a sum: / count gives it
         self.engine.train()
-        return {"__count__": total, **sums}
+        return {"__count__": total, "__pooled__": pooled, **sums}
 
     def _reference_later(self, batch):
         """(batch, None) with reference log-probs attached, or, with a reference actor,
@@ -399,7 +418,8 @@ class PolicyLearner(DistributedWorker):
         return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def save(self, staging_dir: str, *, with_state: bool = True) -> None:
-        """Write HF files (rank 0) and learner/RNG state (every rank) into `staging_dir`."""
+        """Write HF files (rank 0) and learner/RNG state (every rank) into `staging_dir`;
+        `with_state=False` (save_only_model): the HF files only."""
         from rayalign.checkpoint import save_rng_state
 
         os.makedirs(staging_dir, exist_ok=True)
@@ -410,7 +430,8 @@ class PolicyLearner(DistributedWorker):
             if self.cfg.lora.enabled:  # the trained adapter alone, never a reference adapter
                 adapters.save_trained_adapter(module, staging_dir, state, self.cfg)
             else:
-                module.save_pretrained(staging_dir, state_dict=state, safe_serialization=True)
+                shard = {"max_shard_size": self.cfg.save_max_shard_size} if self.cfg.save_max_shard_size else {}
+                module.save_pretrained(staging_dir, state_dict=state, safe_serialization=True, **shard)
             self.tokenizer.save_pretrained(staging_dir)
             gen = getattr(module, "generation_config", None)
             if gen is not None and not self.cfg.lora.enabled:

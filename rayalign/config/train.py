@@ -4,10 +4,11 @@ DPO (loss fields from the loss table) and reward models."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from rayalign.config.base import (ConfigError, LearnerConfig, LoggingConfig, LoraConfig, RayConfig, ReferenceConfig,
-                                  _expand_paths, _one_of, _require, is_adapter_dir)
+                                  _expand_paths, _one_of, _require, is_adapter_dir, report)
 from rayalign.losses import LOSSES, LossParams, loss_type_errors
 
 
@@ -69,9 +70,46 @@ class TrainConfig:
     # default "no" evaluates never (TRL's scripts then call trainer.evaluate()).
     eval_strategy: str | None = None
     eval_steps: int | float | None = None  # eval_strategy "steps": default logging_steps
+    # "steps" | "epoch" | "no" | "best" (transformers: save whenever metric_for_best_model
+    # improves at an evaluation; needs metric_for_best_model). The final checkpoint is always saved.
     save_strategy: str = "steps"
     save_steps: int | float | None = 500  # null: only the final checkpoint
+    # transformers' meaning: the newest checkpoints beyond this are deleted, never the best one
+    # (best_model_checkpoint); with 1 and a best checkpoint, only the best is left at the end.
     save_total_limit: int | None = None
+    # transformers' name: checkpoints hold the model files only (no optimizer, scheduler, RNG
+    # state): smaller, but they cannot be resumed (resume_from_checkpoint refuses them, and
+    # after an actor failure the run restarts from step 0).
+    save_only_model: bool = False
+    # rayalign extra: save_pretrained's max_shard_size ("500MB", "5GB", ...) for full-model
+    # checkpoints; null: transformers' default (50GB). Sharded saves publish and load whole.
+    save_max_shard_size: str | None = None
+    # transformers' names. Track metric_for_best_model ("loss" = eval_loss; with or without the
+    # "eval_" prefix) over the evaluations; best_metric / best_model_checkpoint go into
+    # trainer_state.json. load_best_model_at_end: output_dir gets the best checkpoint's model
+    # (and eval_results.json its metrics) instead of the last one; needs eval data and the save
+    # schedule to match the eval schedule (save_strategy == eval_strategy, save_steps a multiple
+    # of eval_steps) unless save_strategy is "best". metric_for_best_model defaults to "loss"
+    # when load_best_model_at_end; greater_is_better defaults to false for names ending in
+    # "loss", true otherwise.
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
+    # transformers' names. push_to_hub: upload output_dir's model (its model files, README.md
+    # model card, trainer_state.json and *_results.json) to the Hugging Face Hub repo
+    # hub_model_id (default: output_dir's basename in the token's namespace), created if missing
+    # (private: hub_private_repo; null: the namespace's default). hub_strategy "end": once, at the
+    # end; "every_save" (transformers' default): also after every checkpoint save (the
+    # checkpoint's model is published into output_dir first), in the background; a push that
+    # finds the previous one still running is skipped unless hub_always_push. hub_revision: the
+    # branch to commit to; hub_token: null uses `hf auth login`'s token (never written to files).
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private_repo: bool | None = None
+    hub_revision: str | None = None
+    hub_strategy: str = "every_save"
+    hub_token: str | None = field(default=None, repr=False)
+    hub_always_push: bool = False
     # rayalign extra: on the first SIGINT/SIGTERM of the CLI the step loop finishes its step,
     # saves checkpoint-N and exits 130/143 (a second signal stops at once, without saving).
     save_on_interrupt: bool = False
@@ -112,6 +150,8 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         _require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
                  "must be >= 1 or null")
+        self._check_best_model()
+        self._check_hub()
         _require(0 <= self.learning_rate < float("inf"), "learning_rate", f"must be >= 0 and finite, got "
                  f"{self.learning_rate}")
         _require(self.max_failures >= 0, "max_failures", "must be >= 0")
@@ -154,7 +194,7 @@ class TrainConfig:
     def _check_schedule(self) -> None:
         _one_of(self.logging_strategy, "logging_strategy", ["steps", "epoch", "no"])
         _one_of(self.eval_strategy, "eval_strategy", [None, "steps", "epoch", "no"])
-        _one_of(self.save_strategy, "save_strategy", ["steps", "epoch", "no"])
+        _one_of(self.save_strategy, "save_strategy", ["steps", "epoch", "no", "best"])
         for name in ("logging_steps", "eval_steps", "save_steps"):
             value = getattr(self, name)
             _require(value is None or value >= 1 and float(value).is_integer() or 0 < value < 1, name,
@@ -164,6 +204,66 @@ class TrainConfig:
             _require(self.eval_source is not None, "eval_strategy",
                      f"{self.eval_strategy} needs evaluation data: set eval_dataset (or dataset_name with a "
                      "dataset_test_split)")
+
+    def _check_best_model(self) -> None:
+        """transformers' defaults and checks of load_best_model_at_end / metric_for_best_model /
+        greater_is_better / save_strategy "best" (TrainingArguments.__post_init__)."""
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            object.__setattr__(self, "metric_for_best_model", "loss")
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            object.__setattr__(self, "greater_is_better", not self.metric_for_best_model.endswith("loss"))
+        _require(self.metric_for_best_model != "", "metric_for_best_model", "must name an eval metric or be null")
+        if self.save_strategy == "best":
+            _require(self.metric_for_best_model is not None, "save_strategy",
+                     "\"best\" saves when metric_for_best_model improves: set metric_for_best_model "
+                     "(or load_best_model_at_end=true, which defaults it to \"loss\")")
+        if self.metric_for_best_model is not None and (self.load_best_model_at_end or self.save_strategy == "best"):
+            _require(self.eval_source is not None and self.eval_strategy != "no",
+                     "load_best_model_at_end" if self.load_best_model_at_end else "save_strategy",
+                     "needs evaluations: set eval_dataset (or dataset_name with a dataset_test_split) and an "
+                     "eval_strategy other than \"no\"")
+        if not self.load_best_model_at_end or self.save_strategy == "best":
+            return
+        evals = self.eval_strategy or ("steps" if self.eval_steps is not None else "no")
+        if evals != self.save_strategy:
+            report(f"load_best_model_at_end: needs the save and eval schedules to match (or save_strategy=best), "
+                   f"got save_strategy={self.save_strategy!r} and eval_strategy={self.eval_strategy!r}"
+                   + (" (null without eval_steps: only at the end)" if self.eval_strategy is None else ""))
+        elif evals == "steps":
+            eval_steps = self.eval_steps if self.eval_steps is not None else self.logging_steps
+            save, ev = self.save_steps, eval_steps
+            # transformers' test; ratios compare in millionths (float remainders are not exact)
+            if save is None or save % ev != 0 and ((save < 1) != (ev < 1) or
+                                                   round(save * 1_000_000) % round(ev * 1_000_000) != 0):
+                report(f"load_best_model_at_end: needs save_steps to be a multiple of eval_steps, got "
+                       f"save_steps={save} and eval_steps={ev}")
+
+    def check_best_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """load_best_model_at_end: every save step must be an evaluation step once ratios are
+        resolved into steps (`every`); ConfigError otherwise (checked before Ray starts)."""
+        if not self.load_best_model_at_end or self.save_strategy == "best":
+            return
+        save, ev = (self.every(kind, total_steps, steps_per_epoch) for kind in ("save", "eval"))
+        if save and ev and save % ev:
+            raise ConfigError(f"save_steps: load_best_model_at_end needs every save to follow an evaluation; "
+                              f"over {total_steps} steps save_steps={self.save_steps} saves every {save} steps "
+                              f"and eval_steps={self.eval_steps} evaluates every {ev}")
+
+    def _check_hub(self) -> None:
+        _one_of(self.hub_strategy, "hub_strategy", ["end", "every_save"])
+        _require(self.hub_model_id is None or bool(self.hub_model_id.strip("/")), "hub_model_id",
+                 "must name a repo (\"name\" or \"namespace/name\") or be null")
+        _require(not (self.save_only_model and self.save_on_interrupt), "save_on_interrupt",
+                 "its checkpoint is for resuming, which save_only_model=true checkpoints cannot")
+        _require(self.save_max_shard_size is None or
+                 re.fullmatch(r"\d+([KMG]i?B|[kmg]b)", str(self.save_max_shard_size), re.IGNORECASE) is not None,
+                 "save_max_shard_size", f"must be an integer with a unit (\"500MB\", \"5GB\", \"1GiB\") or null, "
+                 f"got {self.save_max_shard_size!r}")
+
+    @property
+    def hub_repo_name(self) -> str:
+        """The repo push_to_hub creates: hub_model_id, else output_dir's basename (transformers)."""
+        return self.hub_model_id or self.output_dir.rstrip("/").rsplit("/", 1)[-1]
 
     def every(self, kind: str, total_steps: int, steps_per_epoch: int) -> int | None:
         """How often (in steps) to log / evaluate / save, from `<kind>_strategy` and
@@ -175,8 +275,8 @@ class TrainConfig:
                 strategy = "steps" if steps is not None else "no"
             elif strategy == "steps" and steps is None:
                 steps = self.logging_steps
-        if strategy == "no" or steps is None and strategy == "steps":
-            return None
+        if strategy in ("no", "best") or steps is None and strategy == "steps":
+            return None  # "best": saved when the metric improves, not on a schedule
         if strategy == "epoch":
             return max(1, steps_per_epoch)
         return max(1, math.ceil(steps * total_steps)) if steps < 1 else int(steps)

@@ -9,8 +9,8 @@ unchanged: every such name is in `TRL_FIELDS` as one of
 * `fixed`: rayalign implements exactly the listed values (TRL's default among them, so a
   recipe that spells its defaults out loads); any other value is a ConfigError that says
   what to use instead;
-* `inert`: a setting that only acts together with another one that rayalign refuses
-  (`hub_model_id` without `push_to_hub`): any value is accepted;
+* `inert`: a setting that only acts together with another one that rayalign refuses: any
+  value is accepted (no name is inert at present);
 * `speed`: a knob of TRL's own torch DataLoader / `datasets.map` workers or padding that
   changes how fast TRL prepares batches, never what is trained; rayalign's Ray Data stages
   size themselves, so any value is accepted and has no effect.
@@ -89,8 +89,6 @@ def _use_vllm(value):
     return "vllm" if value else "hf"
 
 
-HUB_ONLY = "read only by push_to_hub=true, which is refused"
-NO_HUB = "push_to_hub is not implemented yet; upload output_dir with `huggingface-cli upload`"
 NOT_BUILT = "not implemented in rayalign"
 EVAL_LOOP = "transformers' evaluation-loop internals; rayalign's evaluation averages per-batch metrics like TRL's"
 QUANT = "quantized (bitsandbytes) loading is not supported (no CPU kernels); load in bf16 or fp32"
@@ -206,20 +204,9 @@ TRL_FIELDS: dict[str, TRLField] = {
     "batch_eval_metrics": _fixed(False, note=EVAL_LOOP),
     "eval_delay": _fixed(0, 0.0, None, note=NOT_BUILT),
     "eval_on_start": _fixed(False, note=NOT_BUILT),
-    "load_best_model_at_end": _fixed(False, note=NOT_BUILT + "; every checkpoint-N holds its eval metrics"),
-    "metric_for_best_model": _fixed(None, note=NOT_BUILT),
-    "greater_is_better": _fixed(None, note=NOT_BUILT),
-    "save_only_model": _fixed(False, note=NOT_BUILT + "; checkpoints hold optimizer state for exact resume"),
     "save_on_each_node": _fixed(False, note="rank 0 saves; give output_dir on shared storage"),
     "restore_callback_states_from_checkpoint": _fixed(False, note=NOT_BUILT),
     "ignore_data_skip": _fixed(False, note="resume restores the exact data position"),
-    "push_to_hub": _fixed(False, note=NO_HUB),
-    "hub_model_id": _inert(HUB_ONLY),
-    "hub_private_repo": _inert(HUB_ONLY),
-    "hub_revision": _inert(HUB_ONLY),
-    "hub_strategy": _inert(HUB_ONLY),
-    "hub_token": _inert(HUB_ONLY),
-    "hub_always_push": _inert(HUB_ONLY),
     "trackio_space_id": _fixed(None, "trackio", note="trackio is not a rayalign logger (use report_to)"),
     "trackio_bucket_id": _fixed(None, note="trackio is not a rayalign logger"),
     "trackio_static_space_id": _fixed(None, note="trackio is not a rayalign logger"),

@@ -308,23 +308,29 @@ def eval_metrics(learners: ActorGroup, batches: list) -> dict[str, float]:
     """eval_* metrics as TRL's `evaluate()` returns them (per_device_eval_batch_size batches in
     file order): eval_loss is the mean over eval rows of their batch's loss (Trainer repeats
     each batch's loss per row and accelerate cuts the last batch's copies to its rows); every
-    other metric is the mean of its per-batch values, each batch counting once (TRL averages
-    its per-batch logs); plus eval_runtime / eval_samples_per_second / eval_steps_per_second.
-    Each round gives every learner one batch (weight 0 pads the last round: every rank runs
-    the same forwards, as ZeRO-3 gathers need)."""
+    other metric is the mean of its per-step values, each eval step counting once (TRL averages
+    its per-step logs); plus eval_runtime / eval_samples_per_second / eval_steps_per_second.
+    A step gives every learner one batch, as TRL's gives every process one (weight 0 pads the
+    last step: every rank runs the same forwards, as ZeRO-3 gathers need). A step's value is
+    TRL's over its processes: token-weighted metrics (`objectives.Pooled`) divide the summed
+    totals by the summed counts, the others are the mean over the step's rows."""
     n = len(learners)
-    per_batch: list[tuple[int, dict]] = []  # (rows, metrics) of every batch
+    per_step: list[tuple[int, dict]] = []  # (rows, metrics) of every step
     started = time.time()
     for first in range(0, len(batches), n):
         own = batches[first:first + n]
         args = [([own[r]], [1.0]) if r < len(own) else ([batches[0]], [0.0]) for r in range(n)]
-        results = learners.scatter("sum_eval_metrics", args)
-        per_batch += [(len(b), {k: v / res["__count__"] for k, v in res.items() if k != "__count__"})
-                      for b, res in zip(own, results)]
+        results = learners.scatter("sum_eval_metrics", args)[:len(own)]
+        count = sum(res["__count__"] for res in results)
+        step = {k: sum(res[k] for res in results) / count for k in results[0] if not k.startswith("__")}
+        for k in results[0]["__pooled__"]:
+            total, tokens = (sum(res["__pooled__"][k][i] for res in results) for i in (0, 1))
+            step[k] = total / tokens if tokens > 0 else 0.0
+        per_step.append((sum(len(b) for b in own), step))
     runtime = max(time.time() - started, 1e-9)
-    metrics = {f"eval_{k}": sum(m[k] for _, m in per_batch) / len(per_batch) for k in per_batch[0][1]}
-    rows = sum(size for size, _ in per_batch)
-    metrics["eval_loss"] = sum(size * m["loss"] for size, m in per_batch) / rows
+    metrics = {f"eval_{k}": sum(m[k] for _, m in per_step) / len(per_step) for k in per_step[0][1]}
+    rows = sum(size for size, _ in per_step)
+    metrics["eval_loss"] = sum(size * m["loss"] for size, m in per_step) / rows
     # TRL's speed_metrics: a step is one eval loop iteration, a batch on every learner
     steps = -(-len(batches) // n)
     return {**metrics, "eval_runtime": runtime, "eval_samples_per_second": rows / runtime,

@@ -225,12 +225,18 @@ class OnlineDPOJob(runner.Job):
         return bool(self.prompts.eval_rows)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Greedy completions for the eval prompts, scored by the reward sources."""
+        """Greedy completions for the eval prompts, scored by the reward sources. Prompts go out
+        per_device_eval_batch_size per rollout actor at a time, as Trainer's eval loop hands each
+        process per_device_eval_batch_size rows. (TRL 1.16's OnlineDPOTrainer inherits Trainer's
+        evaluate(), which fails on prompt-only rows: this evaluation is rayalign's own.)"""
         cfg, rows = self.cfg, self.prompts.eval_rows
         sampling = {**sampling_from_config(cfg, n=1), "temperature": 0.0}
-        completions = generate(self.rollouts, [r["prompt_ids"] for r in rows], sampling, seed=cfg.seed,
-                               version=step, timeout=cfg.rollout.generate_timeout_s)
-        flat = [c[0] for c in completions]
+        size = cfg.per_device_eval_batch_size * len(self.rollouts)
+        flat = []
+        for first in range(0, len(rows), size):
+            part = [r["prompt_ids"] for r in rows[first:first + size]]
+            flat += [c[0] for c in generate(self.rollouts, part, sampling, seed=cfg.seed, version=step,
+                                             timeout=cfg.rollout.generate_timeout_s)]
         metrics = {"eval_val/contain_eos_token": float(np.mean([c["eos"] for c in flat]))}
         if self.scorer is not None:
             texts = [as_completion(c["text"], self.prompts.conversational) for c in flat]

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rayalign import checkpoint as ckpt
-from rayalign import rundir, storage
+from rayalign import hub, rundir, storage
 from rayalign.actors import group
 from rayalign.actors.group import ActorFailure, ActorGroup, ensure_ray
-from rayalign.config import TrainConfig, to_dict
+from rayalign.config import ConfigError, TrainConfig
 from rayalign.drivers.common import staging_root
 from rayalign.tracking import MetricsLogger, ProgressReporter, average_metrics, plot_metrics
 
@@ -124,14 +124,25 @@ def run(job: Job, report: Callable[[dict], None] | None = None,
     `report` (Ray Tune) receives the latest metrics after every evaluation."""
     cfg = job.cfg
     resume, resume_step = check_run_start(cfg, job.total_steps)  # output dir and resume: before Ray starts
-    with rundir.RunDir(cfg, resume_step) as run_dir:
-        ensure_ray(cfg.ray.address, job.num_cpus(), cfg.ray.namespace)
-        job.prepare()
-        return with_recovery(cfg, run_dir, resume, lambda resume, recoveries: _attempt(
-            job, run_dir, resume, recoveries, report, on_step))
+    cfg.check_best_schedule(job.total_steps, job.steps_per_epoch)
+    pusher = hub.HubPusher(cfg) if cfg.push_to_hub else None  # the repo exists (or fails) before training
+    try:
+        with rundir.RunDir(cfg, resume_step) as run_dir:
+            ensure_ray(cfg.ray.address, job.num_cpus(), cfg.ray.namespace)
+            storage.check_shared(cfg.output_dir)  # multi-node: every node must reach the run's files
+            cache_dir = getattr(getattr(cfg, "reference", None), "cache_dir", None)
+            if cache_dir:
+                storage.check_shared(cache_dir, "reference.cache_dir")
+            job.prepare()
+            return with_recovery(cfg, run_dir, resume, lambda resume, recoveries: _attempt(
+                job, run_dir, resume, recoveries, report, on_step, pusher))
+    finally:
+        if pusher is not None:
+            pusher.close()
 
 
-def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: int, report, on_step) -> dict:
+def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: int, report, on_step,
+             pusher: hub.HubPusher | None = None) -> dict:
     """One try at the run: start the actor groups, restore `resume` if given, train to the end."""
     cfg, total = job.cfg, job.total_steps
     try:
@@ -141,6 +152,8 @@ def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: i
             local = ckpt.download_checkpoint(resume, staging_root(cfg))
             learners.call("load", local)
             state = ckpt.load_trainer_state(local)
+            if state.get("best_model_checkpoint") and not storage.exists(state["best_model_checkpoint"]):
+                state["best_model_checkpoint"] = None  # transformers: a best checkpoint that is gone is dropped
             logger.info("resumed from %s at step %d", resume, state["step"])
         files = storage.RunFiles(cfg.output_dir)  # logs: local, or a mirror synced to the URI
         if resume:
@@ -177,29 +190,50 @@ def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: i
                 interval = []
                 progress.update(done, metrics, samples=done * job.samples_per_step)
                 files.sync(job.log_files)
+            improved = False
             if job.has_eval and eval_every and done % eval_every == 0:
                 final_eval = _evaluate(job, tracker, done)
                 state["log_history"].append({"step": done, "epoch": done / job.steps_per_epoch, **final_eval})
+                improved = update_best(cfg, state, final_eval, done)
                 if report is not None and done < total:
                     report(_latest(state["log_history"], done))
-            if save_every and done % save_every == 0 and done < total:
-                save(cfg, learners, {**state, "step": done, "epoch": done / job.steps_per_epoch},
-                     name=f"checkpoint-{done}", metrics=final_eval, run_id=run_dir.run_id)
+            saving = bool(save_every and done % save_every == 0) or (cfg.save_strategy == "best" and improved)
+            if saving and done < total:
+                mark_best_checkpoint(cfg, state, done)
+                path = save(cfg, learners, {**state, "step": done, "epoch": done / job.steps_per_epoch},
+                            name=f"checkpoint-{done}", metrics=final_eval, run_id=run_dir.run_id)
                 files.sync()
+                if pusher is not None and cfg.hub_strategy == "every_save":
+                    ckpt.publish_model(path, cfg.output_dir)  # transformers pushes output_dir's copy of it
+                    pusher.push(f"Training in progress, step {done}" if cfg.save_strategy == "steps"
+                                else f"Training in progress, epoch {int(done / job.steps_per_epoch)}")
             stop_if_interrupted(cfg, learners, state, done, total, job.steps_per_epoch, run_dir, files, final_eval,
-                                saved=bool(save_every and done % save_every == 0))
+                                saved=saving)
         group.defer_interrupts(False)
         elapsed = time.time() - t0
         steps_run = total - state["step"]
         if job.has_eval and cfg.eval_strategy != "no" and (not eval_every or total % eval_every != 0):
             final_eval = _evaluate(job, tracker, total)
             state["log_history"].append({"step": total, "epoch": total / job.steps_per_epoch, **final_eval})
+            update_best(cfg, state, final_eval, total)
         job.finish(tracker)
+        mark_best_checkpoint(cfg, state, total)
         final_state = {**state, "step": total, "epoch": total / job.steps_per_epoch}
         save(cfg, learners, final_state, name=f"checkpoint-{total}", metrics=final_eval, run_id=run_dir.run_id)
-        checkpoint = f"{cfg.output_dir}/checkpoint-{total}"
-        # the model files of the last checkpoint (not its optimizer state), to output_dir itself
-        model_dir = ckpt.publish_model(f"{cfg.output_dir.rstrip('/')}/checkpoint-{total}", cfg.output_dir)
+        checkpoint = _checkpoint_path(cfg, total)
+        # the model files (not the optimizer state) of the last checkpoint, or with
+        # load_best_model_at_end of the best one, to output_dir itself
+        best = state.get("best_model_checkpoint") if cfg.load_best_model_at_end else None
+        if best and not _same_path(best, checkpoint):
+            logger.info("load_best_model_at_end: publishing %s (%s=%s)", best, cfg.metric_for_best_model,
+                        state["best_metric"])
+            final_eval = best_eval(state) or final_eval  # TRL's evaluate() after train(): the best model's
+        model_dir = ckpt.publish_model(best or checkpoint, cfg.output_dir)
+        kept = state.get("best_model_checkpoint")
+        if cfg.save_total_limit == 1 and kept and not _same_path(kept, checkpoint):
+            fs, path = storage.resolve(checkpoint)  # transformers: with a limit of 1 only the best is left
+            fs.delete_dir(path)
+            checkpoint = kept
         throughput = {"train_runtime": elapsed,
                       "train_samples_per_second": steps_run * job.samples_per_step / max(elapsed, 1e-9),
                       "train_steps_per_second": steps_run / max(elapsed, 1e-9)}
@@ -209,6 +243,8 @@ def _attempt(job: Job, run_dir: rundir.RunDir, resume: str | None, recoveries: i
         progress.close()
         plot_metrics(f"{files.local_dir}/metrics.jsonl", files.local_dir, keys=job.plot_keys)
         files.sync(extra=("metrics.png", *job.log_files[1:]))
+        if pusher is not None:
+            pusher.push("End of training", blocking=True)
         train_logs = [h for h in state["log_history"] if "loss" in h]
         if report is not None:
             report({**_latest(state["log_history"], total), **final_eval, **throughput, "checkpoint": checkpoint,
@@ -226,6 +262,53 @@ def _evaluate(job: Job, tracker: MetricsLogger, step: int) -> dict:
     tracker.log(metrics, step=step)
     logger.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
     return metrics
+
+
+def update_best(cfg: TrainConfig, state: dict, metrics: dict, step: int) -> bool:
+    """transformers' `Trainer._determine_best_metric`: with metric_for_best_model set, keep
+    state's best_metric (and, when checkpoints are saved, best_global_step) up to date with
+    this evaluation's; True when it improved."""
+    if cfg.metric_for_best_model is None or not metrics:
+        return False
+    name = cfg.metric_for_best_model
+    name = name if name.startswith("eval_") else f"eval_{name}"
+    if name not in metrics:
+        raise ConfigError(f"metric_for_best_model: {name!r} is not among the evaluation metrics: "
+                          f"{', '.join(sorted(metrics))}")
+    value = float(metrics[name])
+    best = state.get("best_metric")
+    if best is None:
+        best = state["best_metric"] = -math.inf if cfg.greater_is_better else math.inf
+    if not (value > best if cfg.greater_is_better else value < best):
+        return False
+    state["best_metric"] = value
+    if cfg.save_strategy != "no":
+        state["best_global_step"] = step
+    return True
+
+
+def mark_best_checkpoint(cfg: TrainConfig, state: dict, saving_step: int) -> None:
+    """Before checkpoint-`saving_step` is saved: best_model_checkpoint names the checkpoint of
+    best_global_step once it exists (this one included), as `Trainer._save_checkpoint` sets it."""
+    step = state.get("best_global_step")
+    path = _checkpoint_path(cfg, step) if step else None
+    if path and (step == saving_step or storage.exists(path)):
+        state["best_model_checkpoint"] = path
+
+
+def best_eval(state: dict) -> dict:
+    """The eval metrics logged at best_global_step (the best checkpoint's), or {}."""
+    rows = [h for h in state["log_history"] if h["step"] == state.get("best_global_step")
+            and any(k.startswith("eval_") for k in h)]
+    return {k: v for k, v in rows[-1].items() if k not in ("step", "epoch")} if rows else {}
+
+
+def _checkpoint_path(cfg: TrainConfig, step: int) -> str:
+    return f"{cfg.output_dir.rstrip('/')}/checkpoint-{step}"
+
+
+def _same_path(a: str, b: str) -> bool:
+    return storage.resolve(a)[1].rstrip("/") == storage.resolve(b)[1].rstrip("/")
 
 
 def _latest(history: list[dict], step: int) -> dict:
@@ -267,7 +350,8 @@ def with_recovery(cfg: TrainConfig, run_dir: rundir.RunDir, resume: str | None,
                                    f"(max_failures={cfg.max_failures})") from exc
             resume = run_dir.latest_checkpoint() or start
             logger.warning("actor failure %d of max_failures=%d (%s): recreating the actor groups and "
-                           "restoring from %s", failures, cfg.max_failures, exc, resume or "step 0 (no checkpoint yet)")
+                           "restoring from %s", failures, cfg.max_failures, exc,
+                           resume or "step 0 (no resumable checkpoint yet)")
 
 
 def open_tracker(cfg: TrainConfig, run_dir: rundir.RunDir, files: storage.RunFiles, step: int,
@@ -276,7 +360,7 @@ def open_tracker(cfg: TrainConfig, run_dir: rundir.RunDir, files: storage.RunFil
     past `step` (the restored step) are dropped, a recovery is logged."""
     run_dir.claim()
     tracker = MetricsLogger(files.local_dir, report_to=cfg.logging.report_to, run_name=cfg.logging.run_name,
-                            project=cfg.logging.project, config_dict=to_dict(cfg))
+                            project=cfg.logging.project, config_dict=ckpt.config_dict(cfg))
     tracker.truncate_after(step)
     if recoveries:
         tracker.log({"recoveries": recoveries}, step=step)
@@ -284,10 +368,12 @@ def open_tracker(cfg: TrainConfig, run_dir: rundir.RunDir, files: storage.RunFil
 
 
 def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metrics: dict, run_id: str) -> str:
-    """Stage a checkpoint (weights, learner state, RNG, trainer state) and commit it."""
+    """Stage a checkpoint (weights, learner state and RNG unless save_only_model, trainer state)
+    and commit it; older ones beyond save_total_limit are pruned, never the best one."""
     staging = os.path.join(staging_root(cfg), f".staging-{name}")
     shutil.rmtree(staging, ignore_errors=True)
-    learners.call("save", staging, timeout=cfg.learner.collective_timeout_s)
+    model_only = {"with_state": False} if cfg.save_only_model else {}
+    learners.call("save", staging, **model_only, timeout=cfg.learner.collective_timeout_s)
     ckpt.save_trainer_state(staging, trainer_state(cfg, state))
     ckpt.save_run_config(staging, cfg)
     ckpt.write_model_card(staging, base_model=cfg.model_name_or_path,
@@ -295,7 +381,8 @@ def save(cfg: TrainConfig, learners: ActorGroup, state: dict, *, name: str, metr
                           method=type(cfg).__name__.removesuffix("Config"), metrics=metrics)
     path = ckpt.commit_checkpoint(staging, cfg.output_dir, name, step=state["step"], metadata={"run_id": run_id})
     shutil.rmtree(staging, ignore_errors=True)
-    ckpt.prune_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=[path])
+    best = state.get("best_model_checkpoint")  # never pruned (transformers' rotate_checkpoints)
+    ckpt.prune_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=[path, *([best] if best else [])])
     return path
 
 
@@ -311,6 +398,8 @@ def trainer_state(cfg: TrainConfig, state: dict) -> dict:
                       logging_steps=state["logging_steps"], eval_steps=state["eval_steps"],
                       save_steps=state["save_steps"], train_batch_size=cfg.per_device_train_batch_size,
                       num_train_epochs=state["num_train_epochs"], log_history=state["log_history"],
+                      best_metric=state.get("best_metric"), best_global_step=state.get("best_global_step"),
+                      best_model_checkpoint=state.get("best_model_checkpoint"),
                       stateful_callbacks={"TrainerControl": control.state()})
     return dataclasses.asdict(hf)
 
@@ -352,6 +441,7 @@ def stop_if_interrupted(cfg: TrainConfig, learners: ActorGroup, state: dict, don
         return
     name = f"checkpoint-{done}"
     if not saved:
+        mark_best_checkpoint(cfg, state, done)
         save(cfg, learners, {**state, "step": done, "epoch": done / steps_per_epoch}, name=name,
              metrics=metrics, run_id=run_dir.run_id)
     files.sync()

@@ -57,6 +57,13 @@ class PreferenceLogProbs:
     # completions, and the share of chosen completion tokens that are the argmax
     entropy: torch.Tensor | None = None
     chosen_token_accuracy: torch.Tensor | None = None
+    # The sums behind those token means (counts: chosen_lengths / rejected_lengths summed), which
+    # TRL adds up across processes before it divides: logits, entropy (None without token_stats)
+    # and argmax hits over chosen completion tokens.
+    chosen_logits_sum: torch.Tensor | None = None
+    rejected_logits_sum: torch.Tensor | None = None
+    entropy_sum: torch.Tensor | None = None
+    chosen_top1_sum: torch.Tensor | None = None
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -407,23 +414,27 @@ def preference_logprobs(model, batch: PreferenceBatch, *, ld_alpha: float | None
         weights = (w[:b], w[b:])
     stats = {}
     if token_stats:  # TRL's entropy: completion tokens of both halves; mean_token_accuracy: chosen ones
-        stats = {"entropy": (out.entropy * mask).sum() / mask.sum().clamp(min=1),
-                 "chosen_token_accuracy": (out.is_top1[:b] & c_mask).sum() / c_tokens}
+        entropy_sum, top1_sum = (out.entropy * mask).sum(), (out.is_top1[:b] & c_mask).sum()
+        stats = {"entropy": entropy_sum / mask.sum().clamp(min=1), "chosen_token_accuracy": top1_sum / c_tokens,
+                 "entropy_sum": entropy_sum, "chosen_top1_sum": top1_sum}
+    c_logits, r_logits = (out.mean_logits[:b] * c_mask).sum(), (out.mean_logits[b:] * r_mask).sum()
     return PreferenceLogProbs(
         chosen_logps=logps[:b], rejected_logps=logps[b:],
         chosen_lengths=out.num_tokens[:b], rejected_lengths=out.num_tokens[b:],
-        chosen_mean_logits=(out.mean_logits[:b] * c_mask).sum() / c_tokens,
-        rejected_mean_logits=(out.mean_logits[b:] * r_mask).sum() / r_tokens,
+        chosen_mean_logits=c_logits / c_tokens, rejected_mean_logits=r_logits / r_tokens,
         chosen_per_token_logps=out.per_token_logps[:b],
-        chosen_weights=weights[0], rejected_weights=weights[1], **stats)
+        chosen_weights=weights[0], rejected_weights=weights[1],
+        chosen_logits_sum=c_logits, rejected_logits_sum=r_logits, **stats)
 
 
-def sft_logprobs(model, batch: SequenceBatch, *, padding_free: bool | None = None) -> LogProbs:
-    """Completion log-probs of single sequences (the SFT job)."""
+def sft_logprobs(model, batch: SequenceBatch, *, padding_free: bool | None = None,
+                 token_stats: bool = True) -> LogProbs:
+    """Completion log-probs of single sequences (the SFT job), with each completion token's
+    entropy and argmax hit when `token_stats` (TRL SFTTrainer's entropy / mean_token_accuracy)."""
     device = _device(model)
     return batch_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
                           batch.completion_mask.to(device), padding_free=padding_free,
-                          token_stats=False)  # the SFT objective logs no entropy / token accuracy (yet)
+                          token_stats=token_stats)
 
 
 # ----------------------------------------------------------------------------- reward models

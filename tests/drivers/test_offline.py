@@ -192,6 +192,70 @@ def test_two_learners_equal_one_learner_on_the_union_batch(ray_local, tiny_model
     assert max((a[k] - b[k]).abs().max().item() for k in start) < 1e-3 * moved + 1e-7
 
 
+POOLED = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")  # TRL: sums and counts gathered
+PER_ROW = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected")  # TRL: every process's rows gathered, then the mean
+
+
+def _trl_metrics(policy_dir: str, ref_dir: str, rows_file: Path, out: Path) -> dict[str, float]:
+    """TRL's DPOTrainer metrics on all rows of `rows_file` as one batch (its own compute_loss)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines()]
+    # bf16=False like the learners on CPU (TRL would run its prepared reference under bf16 autocast)
+    args = DPOConfig(output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=len(rows),
+                     max_length=64, bf16=False)
+    trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(policy_dir),
+                         ref_model=AutoModelForCausalLM.from_pretrained(ref_dir), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(policy_dir))
+    trainer.model.train()  # train mode counts num_tokens (the tiny model has no dropout)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    return {"loss": loss.item(), **{k: v[-1] for k, v in trainer._metrics["train"].items()}}
+
+
+def test_two_learners_log_what_one_learner_and_trl_log(ray_local, tiny_model_dir, small_data, tmp_path):
+    """TRL pools entropy, mean_token_accuracy and logits/* over processes (token sums and counts
+    gathered, then divided) and averages rewards/* and logps/* over all processes' rows: 2
+    learners x 4 pairs must log what 1 learner x 8 pairs logs, in the training step and in an
+    evaluation step (2 x 4 or 1 x 8 eval pairs), and both what TRL's DPOTrainer computes on the
+    8 pairs (learning_rate 0: the evaluation sees the same model as the step)."""
+    pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a reference unlike the policy: non-zero rewards
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref_dir = tmp_path / "reference"
+    reference.save_pretrained(ref_dir)
+    eight = small_data / "eight.jsonl"
+    common = {"train_dataset": str(eight), "eval_dataset": str(eight), "max_steps": 1, "save_steps": None,
+              "eval_steps": None, "logging_steps": 1, "learning_rate": 0.0,
+              "reference": {"mode": "actor", "model_name_or_path": str(ref_dir)}}
+    logged = {}
+    for name, learners, per in (("one", 1, 8), ("two", 2, 4)):
+        out = tmp_path / name
+        rayalign.train_dpo(base(tiny_model_dir, small_data, out, per_device_train_batch_size=per,
+                                per_device_eval_batch_size=per, learner={"num_actors": learners}, **common))
+        (evals,) = [m for m in metrics(out) if "eval_loss" in m]
+        logged[name] = {"train": train_rows(out)[0], "eval": {k[5:]: v for k, v in evals.items()
+                                                              if k.startswith("eval_")}}
+    theirs = _trl_metrics(tiny_model_dir, str(ref_dir), eight, tmp_path / "trl")
+    assert 0.02 < theirs["mean_token_accuracy"] < 0.5 and abs(theirs["rewards/margins"]) > 1e-3
+    for mode in ("train", "eval"):
+        one, two = logged["one"][mode], logged["two"][mode]
+        for k in POOLED + PER_ROW + ("loss",):
+            assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), (mode, k)
+            assert one[k] == pytest.approx(theirs[k], rel=1e-5, abs=1e-6), (mode, k)
+        print(mode, {k: (one[k], two[k], theirs[k]) for k in POOLED + PER_ROW})
+    assert logged["two"]["train"]["num_tokens"] == logged["one"]["train"]["num_tokens"] == theirs["num_tokens"]
+
+
 def test_bad_input_fails_before_any_actor_starts(ray_local, tiny_model_dir, small_data, tmp_path):
     from rayalign.config import ConfigError
     from rayalign.data import DataError
@@ -244,6 +308,10 @@ def test_sft_job_lowers_the_loss(ray_local, tiny_model_dir, demo_data_dir, tmp_p
     rows = train_rows(out)
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     assert result["metrics"]["eval_loss"] < rows[0]["loss"]
+    # TRL SFTTrainer's metrics: the completions grow likelier, so more of their tokens are the argmax
+    assert rows[-1]["mean_token_accuracy"] > rows[0]["mean_token_accuracy"] + 0.1
+    assert 0 < rows[-1]["entropy"] < rows[0]["entropy"]
+    assert "eval_mean_token_accuracy" in result["metrics"] and rows[-1]["num_tokens"] > rows[0]["num_tokens"] > 0
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out))

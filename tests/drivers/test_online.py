@@ -172,6 +172,57 @@ def test_weight_push_that_times_out_fails_clearly(ray_local, sft_model_dir, prom
                                        rollout={"weight_sync_timeout_s": 1e-6}))
 
 
+class RecordingRollout:
+    """A rollout actor whose completion of prompt [i] is the text "c<i>" (eos when i is even),
+    sampled with weight version 7, that records how many prompts each generate call got."""
+
+    def __init__(self, *, rank: int, world_size: int):
+        self.rank, self.sizes = rank, []
+
+    def generate(self, prompt_ids, sampling, seed):
+        from rayalign.engines.base import GenerateResult
+
+        self.sizes.append(len(prompt_ids))
+        return GenerateResult(version=7, rank=self.rank, prompt_ids=prompt_ids, completions=[
+            [{"token_ids": [p[0], 1], "text": f"c{p[0]}", "eos": p[0] % 2 == 0}] for p in prompt_ids])
+
+    def calls(self) -> list[int]:
+        return self.sizes
+
+
+class TextChecker:
+    """Scores 1 where a completion is the one RecordingRollout gives its prompt, else 0."""
+
+    def score(self, prompts, texts, token_ids, eos, penalty, **extra):
+        import numpy as np
+
+        return np.array([float(t == f"c{p}") for p, t in zip(prompts, texts)]), {}
+
+
+@pytest.mark.slow
+def test_online_eval_generates_per_device_eval_batch_size_prompts_per_rollout_actor(ray_local, tmp_path):
+    """evaluate() sends the eval prompts in steps of per_device_eval_batch_size per rollout
+    actor (14 prompts, 2 actors x 3: steps of 6, 6 and 2), and scores them in prompt order."""
+    from types import SimpleNamespace
+
+    from rayalign.actors.group import ActorGroup, GroupSpec
+    from rayalign.drivers.online import OnlineDPOJob
+
+    job = OnlineDPOJob.__new__(OnlineDPOJob)  # the evaluation alone: no learners, models or data files
+    job.cfg = from_dict(OnlineDPOConfig, base("m", tmp_path, tmp_path / "o", per_device_eval_batch_size=3))
+    job.prompts = SimpleNamespace(eval_rows=[{"prompt": i, "prompt_ids": [i]} for i in range(14)],
+                                  conversational=False)
+    job.scorer = TextChecker()
+    job.rollouts = ActorGroup(RecordingRollout, GroupSpec("rollout", 2, 0.25))
+    try:
+        metrics = job.evaluate(7)
+        calls = job.rollouts.call("calls")
+    finally:
+        job.rollouts.shutdown()
+    assert calls == [[3, 3, 1], [3, 3, 1]]
+    assert metrics == {"eval_val/contain_eos_token": 0.5, "eval_objective/scores": 1.0}
+
+
 @pytest.mark.parametrize("over, field", [
     ({"judge": {"type": "llm", "model_name_or_path": "m"}}, "judge"),  # and reward_funcs
     ({"reward_funcs": []}, "reward_funcs"),  # nothing ranks the samples

@@ -120,6 +120,12 @@ def test_entropy_and_top1_equal_the_full_softmax_padded_and_packed(tiny_model_di
     assert want_top1[0].sum() == 3 and want_top1.sum() < mask.sum()  # the greedy row hits, not every token
     assert torch.allclose(pref.entropy, want_entropy.sum() / mask.sum(), atol=1e-6)
     assert pref.chosen_token_accuracy.item() == pytest.approx(want_top1[:3].sum().item() / mask[:3].sum().item())
+    # the sums behind them, which learners pool (token counts: the completion lengths)
+    assert torch.allclose(pref.entropy_sum, want_entropy.sum(), atol=1e-4)
+    assert pref.chosen_top1_sum.item() == want_top1[:3].sum().item()
+    assert pref.chosen_lengths.sum() == mask[:3].sum() and pref.rejected_lengths.sum() == mask[3:].sum()
+    assert torch.allclose(pref.chosen_logits_sum / mask[:3].sum(), pref.chosen_mean_logits)
+    assert torch.allclose(pref.rejected_logits_sum / mask[3:].sum(), pref.rejected_mean_logits)
 
 
 def test_peft_lora_model_gives_gradients_only_to_the_adapter(tiny_model_dir):

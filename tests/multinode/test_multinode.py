@@ -1,0 +1,62 @@
+"""Runs across several Ray nodes on this machine (a real `ray.cluster_utils.Cluster`, in a
+subprocess so its Ray is not the suite's): learners on two nodes, the driver on a node with no
+learner, a learner's node removed mid-run and the run recovering from its last checkpoint; and
+the shared-storage check's decision (which node cannot see the run dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayalign.storage import StorageError, check_shared
+
+JOB = Path(__file__).with_name("job.py")
+ROOT = JOB.parent.parent.parent
+
+
+def _run(tiny_model_dir, demo_data_dir, out, *flags) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(JOB), tiny_model_dir, f"{demo_data_dir}/pref_train.jsonl", str(out),
+                           *flags], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _losses(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and "eval_loss" not in r}
+
+
+@pytest.mark.slow
+def test_learners_span_nodes_and_a_lost_node_is_recovered(tiny_model_dir, demo_data_dir, tmp_path):
+    clean = _run(tiny_model_dir, demo_data_dir, tmp_path / "clean")
+    before = clean["placements"][0]
+    assert len(set(before)) == 2 and clean["head"] not in before  # two nodes, none the driver's
+    assert clean["checkpoint"].endswith("checkpoint-8")
+
+    lost = _run(tiny_model_dir, demo_data_dir, tmp_path / "lost", "--remove-node")
+    assert lost["removed"] in lost["placements"][0] and lost["removed"] not in lost["placements"][-1]
+    assert len(set(lost["placements"][-1])) == 2
+    assert lost["checkpoint"].endswith("checkpoint-8")
+    rows = [json.loads(line) for line in open(tmp_path / "lost" / "metrics.jsonl")]
+    assert any(r.get("recoveries") == 1 for r in rows)
+    want, got = _losses(tmp_path / "clean"), _losses(tmp_path / "lost")
+    assert sorted(got) == list(range(1, 9))
+    for step in want:  # restored from checkpoint-2: the same run, step for step
+        assert got[step] == pytest.approx(want[step], rel=1e-3, abs=1e-4), step
+
+
+def test_shared_storage_check_names_the_node_that_cannot_see_the_run_dir(tmp_path):
+    """One machine has no node-local disks, so which node sees the probe is given here."""
+    nodes = [{"NodeID": "a", "NodeManagerAddress": "10.0.0.1"}, {"NodeID": "b", "NodeManagerAddress": "10.0.0.2"}]
+    check_shared(str(tmp_path / "run"), nodes=nodes, sees=lambda node, probe: os.path.exists(probe))
+    with pytest.raises(StorageError, match=r"output_dir: .*not visible from Ray node\(s\) 10.0.0.2"):
+        check_shared(str(tmp_path / "run"), nodes=nodes, sees=lambda node, probe: node["NodeID"] == "a")
+    assert not list(tmp_path.glob(".rayalign-probe-*"))  # the probe is removed either way
+    check_shared("s3://bucket/run", nodes=nodes, sees=lambda node, probe: False)  # URIs: shared by design

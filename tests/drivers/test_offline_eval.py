@@ -88,16 +88,21 @@ def test_evaluate_dpo_equals_trls_evaluate(dpo_metrics):
     assert got["eval_samples_per_second"] == pytest.approx(ROWS / got["eval_runtime"])
 
 
-def test_two_learners_and_precomputed_reference_give_the_same_numbers(dpo_metrics, models, tiny_model_dir, tmp_path):
-    """Batches spread over two learners (the last round padded) and reference log-probs from
-    the precompute stage: the same batches, so the same metrics."""
+def test_two_learners_and_precomputed_reference_give_the_same_numbers(ray_local, models, tiny_model_dir, tmp_path):
+    """Two learners with half the batch each, and reference log-probs from the precompute
+    stage: each eval step covers the same 8 rows as one learner's batch of 8, and TRL pools a
+    step's metrics over the rows of all its processes, so the metrics are one learner's."""
     root, rows = models
-    got = rayalign.evaluate_dpo(config(root, rows, output_dir=str(tmp_path / "out"),
+    head = write_head(rows, tmp_path / "head.jsonl", 16)
+    ref = {"model_name_or_path": tiny_model_dir}
+    one = rayalign.evaluate_dpo(config(root, head, output_dir=str(tmp_path / "one"),
+                                       reference={**ref, "num_cpus_per_actor": 1}))
+    two = rayalign.evaluate_dpo(config(root, head, output_dir=str(tmp_path / "two"), per_device_eval_batch_size=4,
                                        learner={"num_actors": 2, "num_cpus_per_actor": 0.5},
-                                       reference={"mode": "precompute", "model_name_or_path": tiny_model_dir,
-                                                  "num_cpus_per_actor": 0.5, "cache_dir": str(tmp_path / "cache")}))
-    assert_same(got, dpo_metrics[1], tol=1e-5)
-    assert got["eval_steps_per_second"] == pytest.approx(2 / got["eval_runtime"])  # 3 batches, 2 per round
+                                       reference={**ref, "mode": "precompute", "num_cpus_per_actor": 0.5,
+                                                  "cache_dir": str(tmp_path / "cache")}))
+    assert_same(two, one, tol=1e-5)
+    assert two["eval_steps_per_second"] == pytest.approx(2 / two["eval_runtime"])  # 2 steps of 2 x 4 rows
 
 
 def test_eval_dpo_command_writes_what_evaluate_dpo_returns(dpo_metrics, models, tiny_model_dir, tmp_path):

@@ -19,10 +19,27 @@ def _config(cls, config, overrides=None):
     if isinstance(config, cls) and not overrides:
         return config
     if isinstance(config, cls) or isinstance(config, dict):
-        base = to_dict(config) if isinstance(config, cls) else config
+        base = to_dict(config) if isinstance(config, cls) else _python_values(config)
         extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
         return load_config(cls, None, deep_merge(base, extra))
     return load_config(cls, config, overrides)
+
+
+def _python_values(config: dict) -> dict:
+    """What a dict config may hold beyond YAML values, as TRL's trainers take them: datasets
+    (`datasets.Dataset`, row lists, pyarrow Tables) become Parquet files, reward-function
+    callables become `module:function` specs."""
+    from rayalign.data import materialize
+    from rayalign.rewards.function import function_spec
+
+    out = dict(config)
+    for name in ("train_dataset", "eval_dataset"):
+        if out.get(name) is not None and not isinstance(out[name], str):
+            out[name] = materialize(out[name], name)
+    if isinstance(out.get("reward_funcs"), (list, tuple)) or callable(out.get("reward_funcs")):
+        funcs = out["reward_funcs"] if isinstance(out["reward_funcs"], (list, tuple)) else [out["reward_funcs"]]
+        out["reward_funcs"] = [function_spec(f) if callable(f) else f for f in funcs]
+    return out
 
 
 def train_dpo(config, overrides=None) -> dict:

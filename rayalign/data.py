@@ -15,6 +15,7 @@ sequence at collation (`PreferenceBatch.from_rows`); with keep_start, rows whose
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -68,6 +69,7 @@ class DataSource:
     path: str
     config: str | None = None
     split: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()  # (dataset column, the name rayalign reads) renames
 
     def __str__(self) -> str:
         return self.path + (f"[{self.config}]" if self.config else "") + (f":{self.split}" if self.split else "")
@@ -82,7 +84,71 @@ def read_rows(source: str | DataSource, field: str = "dataset") -> list[dict]:
     whatever `datasets.load_dataset(path, config, split=split)` reads: a local dataset dir of
     data files or a hub id."""
     src = source if isinstance(source, DataSource) else DataSource(source)
+    rows = _read_source(src, field)
+    if src.columns:
+        rows = [_renamed(row, src.columns, str(src), i) for i, row in enumerate(rows)]
+    return rows
+
+
+def materialize(data, field: str) -> str:
+    """An in-memory dataset from the Python API (`datasets.Dataset`, a list of row dicts, a
+    pyarrow Table) as a Parquet file named by its content's hash, so a rerun or resume with the
+    same rows names the same file (`RAYALIGN_DATA_CACHE`, default ~/.cache/rayalign/datasets)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    if isinstance(data, pa.Table):
+        table = data
+    elif isinstance(data, list):
+        if not data:
+            raise DataError(f"{field}: the list has no rows")
+        table = pa.Table.from_pylist(data)
+    else:
+        import datasets
+
+        if isinstance(data, datasets.DatasetDict):
+            raise DataError(f"{field}: a DatasetDict holds splits {list(data)}; pass one of them")
+        if not isinstance(data, datasets.Dataset):
+            raise DataError(f"{field}: expected a path, a datasets.Dataset, a list of rows or a pyarrow Table, "
+                            f"got {type(data).__name__}")
+        table = data.with_format("arrow")[:]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    digest = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:24]
+    root = Path(os.environ.get("RAYALIGN_DATA_CACHE", os.path.expanduser("~/.cache/rayalign/datasets")))
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{digest}.parquet"
+    if not path.exists():
+        tmp = root / f".{digest}.{os.getpid()}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _renamed(row, columns: tuple[tuple[str, str], ...], source: str, index: int):
+    if not isinstance(row, dict):
+        return row
+    out = dict(row)
+    for old, new in columns:
+        if old not in out:
+            raise _bad(source, index, old, f"missing (column_mapping renames it to {new!r})")
+        out[new] = out.pop(old)
+    return out
+
+
+def _read_source(src: DataSource, field: str) -> list[dict]:
+    from rayalign import storage
+
     path, split = src.path, src.split
+    if storage.is_uri(path):  # file:// reads as a local path; other stores through pyarrow
+        local = storage.local_path(path)
+        if local is None:
+            return _read_remote(path, field)
+        path = local
+    if any(c in path for c in "*?[") and not os.path.exists(path):
+        return _read_files(path, sorted(glob.glob(path)), field)
     if split is None and not os.path.exists(path) and ":" in path:
         path, split = path.rsplit(":", 1)
     p = Path(path)
@@ -119,25 +185,75 @@ def read_rows(source: str | DataSource, field: str = "dataset") -> list[dict]:
 
 
 def _read_json(p: Path, field: str) -> list[dict]:
-    """JSON lines, or (as datasets' json loader also reads) one JSON array of rows."""
     with open(p) as f:
-        head = f.read(4096).lstrip()
-        f.seek(0)
-        if head.startswith("["):
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{field}: {p}: invalid JSON array: {exc}") from None
-            return rows
-        rows = []
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{field}: {p} row {len(rows)} (line {i + 1}): invalid JSON: {exc}") from None
-        return rows
+        return _parse_json(f.read(), str(p), field)
+
+
+def _parse_json(text: str, name: str, field: str) -> list[dict]:
+    """JSON lines, or (as datasets' json loader also reads) one JSON array of rows."""
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{field}: {name}: invalid JSON array: {exc}") from None
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{field}: {name} row {len(rows)} (line {i + 1}): invalid JSON: {exc}") from None
+    return rows
+
+
+def _read_remote(uri: str, field: str) -> list[dict]:
+    """A data file, or a directory of data files (shards, read in name order), on any store
+    pyarrow opens (s3://, gs://, hdfs://, ...)."""
+    import pyarrow.fs as pafs
+
+    from rayalign import storage
+
+    fs, base = storage.resolve(uri)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{field}: not found: {uri}")
+    if info.type == pafs.FileType.File:
+        files = [base]
+    else:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base))
+                       if i.type == pafs.FileType.File and Path(i.path).suffix in LOCAL_SUFFIXES)
+    return _read_files(uri, files, field, fs)
+
+
+def _read_files(name: str, files: list[str], field: str, fs=None) -> list[dict]:
+    """Rows of data files of one format (a glob's matches or a directory's shards), in order."""
+    import pyarrow.fs as pafs
+
+    if not files:
+        raise DataError(f"{field}: {name} matches no .jsonl / .json / .csv / .parquet file")
+    suffixes = {Path(f).suffix for f in files}
+    if len(suffixes) != 1 or not suffixes <= set(LOCAL_SUFFIXES):
+        raise DataError(f"{field}: {name}: expected data files of one format ({', '.join(LOCAL_SUFFIXES)}), got "
+                        f"{', '.join(sorted(suffixes))}")
+    fs = fs or pafs.LocalFileSystem()
+    rows: list[dict] = []
+    for f in files:
+        suffix = Path(f).suffix
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows += pq.read_table(f, filesystem=fs).to_pylist()
+            continue
+        with fs.open_input_stream(f) as stream:
+            data = stream.read()
+        if suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            rows += pcsv.read_csv(pa.BufferReader(data)).to_pylist()
+        else:
+            rows += _parse_json(data.decode(), f, field)
+    return rows
 
 
 def _load_dataset(src: DataSource, field: str) -> list[dict]:

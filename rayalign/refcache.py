@@ -65,6 +65,8 @@ def cache_key(cfg: DPOConfig, data_path: str) -> str:
         "max_completion_length": cfg.max_completion_length, "truncation_mode": cfg.truncation_mode,
         "ld_alpha": cfg.ld_alpha, "bf16": cfg.bf16, "data": data_path, "version": 1,
     }
+    if cfg.column_mapping:  # which columns are chosen / rejected changes every log-prob
+        settings["column_mapping"] = cfg.column_mapping
     if cfg.model_init_kwargs:  # dtype / attention kernel change the log-probs; absent: the old keys stay valid
         settings["model_init_kwargs"] = {k: str(v) for k, v in cfg.model_init_kwargs.items()}
     h.update(json.dumps(settings, sort_keys=True).encode())

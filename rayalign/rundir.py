@@ -41,7 +41,7 @@ def is_run_file(name: str) -> bool:
 # Fields a resumed run must share with the checkpoint's run: they fix the model, the data
 # order and position, the per-rank optimizer state layout, or the objective.
 RESUME_MUST_MATCH = ("model_name_or_path", "tokenizer_path", "train_dataset", "dataset_name", "dataset_config",
-                     "dataset_train_split", "per_device_train_batch_size",
+                     "dataset_train_split", "column_mapping", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "learner.num_actors", "learner.zero_stage", "seed",
                      "max_length", "truncation_mode", "lora.enabled", "lora.r", "lora.target_modules")
 RESUME_MUST_MATCH_BY_KIND = {

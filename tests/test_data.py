@@ -195,3 +195,78 @@ def test_dataset_name_trains_and_evaluates_from_its_splits(tmp_path, tok):
                                         "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "out")})
     data = prepare_data(cfg, "dpo")
     assert data.num_train_rows == 12 and data.eval_table.num_rows == 4
+
+
+def test_globs_uris_and_shard_dirs_read_every_shard_in_order(tmp_path, monkeypatch):
+    """A glob of JSONL shards, a file:// URI of a Parquet shard dir, and the same dir read through
+    pyarrow's filesystem API (the path an s3:// / gs:// store takes; such stores cannot be reached
+    here, so the local filesystem stands in for one behind its URI)."""
+    from rayalign import storage
+
+    rows = [{"prompt": f"p{i}", "chosen": f" c{i}", "rejected": f" r{i}"} for i in range(9)]
+    for k in range(3):
+        write_jsonl(tmp_path / f"shard-{k}.jsonl", rows[3 * k:3 * k + 3])
+        (tmp_path / "pq").mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows[3 * k:3 * k + 3]), tmp_path / "pq" / f"part-{k}.parquet")
+    assert read_rows(str(tmp_path / "shard-*.jsonl")) == rows
+    assert read_rows(f"file://{tmp_path}/pq") == rows
+    monkeypatch.setattr(storage, "local_path", lambda path: None)  # take the remote-store code path
+    assert read_rows(f"file://{tmp_path}/pq") == rows
+    assert read_rows(f"file://{tmp_path}/shard-1.jsonl") == rows[3:6]
+    with pytest.raises(DataError, match="train_dataset: not found"):
+        read_rows(f"file://{tmp_path}/nope", "train_dataset")
+    with pytest.raises(DataError, match="matches no"):
+        read_rows(str(tmp_path / "none-*.jsonl"))
+
+
+def test_column_mapping_renames_columns_and_names_a_missing_one(tmp_path, tok):
+    from rayalign.config import DPOConfig, load_config
+
+    rows = [{"question": "Reverse: a b ->", "response_j": " b a", "response_k": " a b"}] * 3
+    mapping = {"question": "prompt", "response_j": "chosen", "response_k": "rejected"}
+    good = write_jsonl(tmp_path / "se.jsonl", rows)
+    cfg = load_config(DPOConfig, None, {"model_name_or_path": "m", "train_dataset": str(good),
+                                        "column_mapping": mapping})
+    assert read_rows(cfg.train_source)[0] == {"prompt": "Reverse: a b ->", "chosen": " b a", "rejected": " a b"}
+    assert validate_file(cfg.train_source, tok, SETTINGS)[0].num_rows == 3
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows + [{"question": "q", "response_j": " x"}])
+    cfg = load_config(DPOConfig, None, {"model_name_or_path": "m", "train_dataset": str(bad),
+                                        "column_mapping": mapping})
+    with pytest.raises(DataError, match=r"row 3, field 'response_k': missing \(column_mapping"):
+        validate_file(cfg.train_source, tok, SETTINGS)
+    with pytest.raises(Exception, match="column_mapping.question"):
+        load_config(DPOConfig, None, {"model_name_or_path": "m", "train_dataset": good,
+                                      "column_mapping": {"question": "query"}})
+
+
+def test_in_memory_datasets_and_callables_from_the_python_api(tmp_path, tok, monkeypatch):
+    """TRL's trainers take a datasets.Dataset and reward callables; so does the Python API: the
+    rows become a Parquet file named by their content (the same rows: the same file, so a
+    resume matches), a callable becomes a module:function spec that loads it back."""
+    import datasets
+
+    from rayalign import _config
+    from rayalign.config import DPOConfig, OnlineDPOConfig
+    from rayalign.demo.task import demo_reward
+    from rayalign.rewards.function import load_function
+
+    monkeypatch.setenv("RAYALIGN_DATA_CACHE", str(tmp_path / "cache"))
+    rows = [{"prompt": "Reverse: a b ->", "chosen": " b a", "rejected": " a b"}] * 4
+    base = {"model_name_or_path": "m", "output_dir": str(tmp_path / "out")}
+    cfg = _config(DPOConfig, {**base, "train_dataset": datasets.Dataset.from_list(rows), "eval_dataset": rows[:2]})
+    assert read_rows(cfg.train_dataset) == rows and read_rows(cfg.eval_dataset) == rows[:2]
+    again = _config(DPOConfig, {**base, "train_dataset": datasets.Dataset.from_list(rows)})
+    assert again.train_dataset == cfg.train_dataset
+    table, _ = validate_file(cfg.train_dataset, tok, SETTINGS)
+    assert table.num_rows == 4
+
+    def shorter(prompts, completions, **kwargs):
+        return [-float(len(c)) for c in completions]
+
+    online = _config(OnlineDPOConfig, {**base, "train_dataset": [{"prompt": "p"}] * 4,
+                                       "reward_funcs": [shorter, demo_reward, lambda prompts, completions, **k: [0.0]]})
+    specs = online.reward_funcs
+    assert specs[1] == "rayalign.demo.task:demo_reward"
+    assert load_function(specs[0], "reward_funcs[0]") is shorter and load_function(specs[2], "x")(["p"], ["c"]) == [0.0]
+    with pytest.raises(DataError, match="DatasetDict"):
+        _config(DPOConfig, {**base, "train_dataset": datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})})

@@ -36,6 +36,9 @@ class TrainConfig:
     dataset_config: str | None = None
     dataset_train_split: str = "train"
     dataset_test_split: str = "test"
+    # rayalign extra (datasets' rename_columns): {dataset column: the name rayalign reads}, for
+    # data whose columns are not TRL's (prompt / chosen / rejected / completion / messages / margin)
+    column_mapping: dict | None = None
     output_dir: str = "outputs/run"
     # TRL's name. A dir holding another run is refused unless this is set (the old run's
     # checkpoints and logs are removed once the new run's first step succeeded) or the job
@@ -182,6 +185,9 @@ class TrainConfig:
             raise ConfigError("lora.enabled: LoRA with learner.zero_stage=3 is not supported; use stage 0-2")
 
     def _check_datasets(self) -> None:
+        for old, new in (self.column_mapping or {}).items():
+            _one_of(new, f"column_mapping.{old}", ["prompt", "chosen", "rejected", "completion", "messages",
+                                                   "margin"])
         if self.dataset_name is None:
             _require(bool(self.train_dataset), "train_dataset", "is required (or TRL's dataset_name)")
             for name in ("dataset_config",):
@@ -293,8 +299,8 @@ class TrainConfig:
         from rayalign.data import DataSource
 
         if self.dataset_name is not None:
-            return DataSource(self.dataset_name, self.dataset_config, self.dataset_train_split)
-        return DataSource(self.train_dataset)
+            return DataSource(self.dataset_name, self.dataset_config, self.dataset_train_split, self._columns)
+        return DataSource(self.train_dataset, columns=self._columns)
 
     @property
     def eval_source(self):
@@ -302,10 +308,14 @@ class TrainConfig:
         from rayalign.data import DataSource
 
         if self.eval_dataset:
-            return DataSource(self.eval_dataset)
+            return DataSource(self.eval_dataset, columns=self._columns)
         if self.dataset_name is not None and self.eval_strategy not in (None, "no") and self.dataset_test_split:
-            return DataSource(self.dataset_name, self.dataset_config, self.dataset_test_split)
+            return DataSource(self.dataset_name, self.dataset_config, self.dataset_test_split, self._columns)
         return None
+
+    @property
+    def _columns(self) -> tuple[tuple[str, str], ...]:
+        return tuple((self.column_mapping or {}).items())
 
     @property
     def tokenizer_path(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import types
 from typing import Any, Callable
 
 import numpy as np
@@ -15,6 +16,29 @@ from rayalign.rewards.base import RewardSource, ScoreError, SourceContext, as_sc
 # The documented form: a dotted module path, a colon, a dotted attribute path. A reward-model
 # dir whose name looks like this must be written as a path (./name).
 FUNCTION_SPEC = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
+# Callables handed to the Python API (`train_online_dpo({"reward_funcs": [fn]})`) that cannot be
+# imported by name (lambdas, closures, __main__ functions) live here for the process's runs: the
+# config names them like any other function, rayalign.rewards.function:CALLABLES.<name>. Reward
+# functions run in the driver, so this process is the one that calls them.
+CALLABLES = types.SimpleNamespace()
+
+
+def function_spec(fn: Callable) -> str:
+    """The `module:function` spec of a Python callable: its own import path when that path
+    leads back to it, else a name registered in CALLABLES."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module and module != "__main__" and "<" not in qualname:
+        spec = f"{module}:{qualname}"
+        try:
+            if load_function(spec, "reward_funcs") is fn:
+                return spec
+        except ConfigError:
+            pass
+    name = f"fn{len(vars(CALLABLES))}_" + re.sub(r"\W", "_", getattr(fn, "__name__", "reward"))
+    setattr(CALLABLES, name, fn)
+    return f"{__name__}:CALLABLES.{name}"
 
 
 def load_function(spec: str, field: str) -> Callable:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
 import threading
 
+from rayalign import logs
 from rayalign.config import ConfigError, DPOConfig, EvalConfig, OnlineDPOConfig, RewardConfig, SFTConfig, load_config
 
 TRAIN_COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig, "online-dpo": OnlineDPOConfig}
@@ -41,14 +41,31 @@ def _train(command: str, argv: list[str]) -> int:
         from rayalign.drivers.offline import train
 
     result = train(cfg)
+    logs.keep(_setup.log_file if _setup else None, cfg.output_dir)
     print(json.dumps({"model_dir": result["model_dir"], "checkpoint": result["checkpoint"],
                       "metrics": result["metrics"]}, indent=2, default=str))
     return 0
 
 
+_setup: logs.Setup | None = None  # the running command's logging (its library log file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. `--verbose` anywhere prints the libraries' output (vLLM, DeepSpeed,
+    transformers, Ray actors) on the console; by default it goes to a log file (rayalign.logs)."""
+    global _setup
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    _setup = logs.configure(argv[0] if argv else "rayalign", verbose)
+    try:
+        return _main(argv)
+    finally:
+        _setup.restore()
+        _setup = None
+
+
+def _main(argv: list[str]) -> int:
     commands = ["tiny-model", "demo-data", "demo", "sweep", "eval", *TRAIN_COMMANDS, *EVAL_COMMANDS]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)

@@ -26,7 +26,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rayalign import _reaper, faults
+from rayalign import _reaper, faults, logs
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
         if address:
             # No runtime_env here: inside `ray job submit` the job's own runtime env applies,
             # and Ray refuses a driver env that repeats its keys.
-            ray.init(address=address, namespace=namespace, configure_logging=False)
+            ray.init(address=address, namespace=namespace, configure_logging=False,
+                     log_to_driver=not logs.quiet())
         else:
             _stop_reaper()  # of an earlier local Ray this process shut down itself
             # Every process of this Ray inherits the token (gcs and raylet from us, workers and
@@ -152,7 +153,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
             os.environ[_reaper.TOKEN_ENV] = token
             try:
                 ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
-                         runtime_env={"env_vars": env}, configure_logging=False)
+                         runtime_env={"env_vars": env}, configure_logging=False, log_to_driver=not logs.quiet())
             finally:
                 os.environ.pop(_reaper.TOKEN_ENV, None)  # not for processes we start later
             _start_reaper(token)
@@ -167,6 +168,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
     quiet_ray_data()
+    node = ray._private.worker._global_node
+    if logs.quiet() and node is not None:
+        logger.info("Ray actors' output: %s/logs (--verbose prints it here)", node.get_session_dir_path())
 
 
 def _start_reaper(token: str) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from rayalign import data as data_lib
 from rayalign import objectives, refcache, storage
 from rayalign.actors.group import ActorGroup
-from rayalign.config import DPOConfig, TrainConfig
+from rayalign.config import ConfigError, DPOConfig, TrainConfig
 from rayalign.models.loading import load_tokenizer
 
 logger = logging.getLogger("rayalign")
@@ -29,6 +29,15 @@ def local_cpus(ray_cfg, need: float, spare: int) -> int:
     """Logical CPUs for a Ray started by rayalign (`ray.num_cpus` if set): what every actor
     asks for plus `spare` for tasks beside them, and at least the machine's."""
     if ray_cfg.num_cpus is not None:
+        import ray
+
+        starts_ray = not ray.is_initialized() and not (ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+        if starts_ray and ray_cfg.num_cpus < math.ceil(need) + 1:
+            # Ray Data's read / tokenize tasks (and the reward functions' driver work) need a CPU
+            # the actors do not hold, or iteration waits forever
+            raise ConfigError(f"ray.num_cpus: {ray_cfg.num_cpus} leaves no CPU beside the actors, which ask for "
+                              f"{need:g}: set ray.num_cpus >= {math.ceil(need) + 1} (or leave it unset), or lower "
+                              "the actors' num_cpus_per_actor")
         return ray_cfg.num_cpus
     return int(max(os.cpu_count() or 1, math.ceil(need) + spare))
 

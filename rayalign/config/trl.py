@@ -9,8 +9,6 @@ unchanged: every such name is in `TRL_FIELDS` as one of
 * `fixed`: rayalign implements exactly the listed values (TRL's default among them, so a
   recipe that spells its defaults out loads); any other value is a ConfigError that says
   what to use instead;
-* `inert`: a setting that only acts together with another one that rayalign refuses: any
-  value is accepted (no name is inert at present);
 * `speed`: a knob of TRL's own torch DataLoader / `datasets.map` workers or padding that
   changes how fast TRL prepares batches, never what is trained; rayalign's Ray Data stages
   size themselves, so any value is accepted and has no effect.
@@ -30,15 +28,11 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class TRLField:
-    kind: str  # "alias" | "fixed" | "inert" | "speed"
+    kind: str  # "alias" | "fixed" | "speed"
     note: str
     target: str | None = None  # alias: the rayalign field (dotted for a section's field)
     convert: Callable[[Any], Any] | None = None  # alias: TRL value -> rayalign value (None: skip it)
     allowed: tuple = ()  # fixed: the values rayalign implements
-
-
-def _inert(note: str) -> TRLField:
-    return TRLField("inert", note)
 
 
 def _alias(target: str, note: str = "", convert=None) -> TRLField:
@@ -290,8 +284,7 @@ def translate(cls: type, data: dict) -> tuple[dict, list[str]]:
 
 def field_table() -> str:
     """docs/trl-fields.md's table of TRL names (see the module docstring)."""
-    what = {"alias": "same meaning as", "fixed": "accepted values", "inert": "accepted (see note)",
-            "speed": "accepted, no effect on results"}
+    what = {"alias": "same meaning as", "fixed": "accepted values", "speed": "accepted, no effect on results"}
     lines = ["| TRL / transformers name | rayalign | note |", "|---|---|---|"]
     for name in sorted(TRL_FIELDS):
         spec = TRL_FIELDS[name]

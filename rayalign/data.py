@@ -156,16 +156,9 @@ def _read_source(src: DataSource, field: str) -> list[dict]:
         if p.suffix in LOCAL_SUFFIXES or p.is_absolute() or path.startswith((".", "~")):
             raise DataError(f"{field}: file not found: {path}")
         return _load_dataset(DataSource(path, src.config, split), field)
-    if p.is_file() and p.suffix in (".jsonl", ".json"):
-        return _read_json(p, field)
-    if p.is_file() and p.suffix == ".csv":
-        import pyarrow.csv as pcsv
-
-        try:
-            return pcsv.read_csv(str(p)).to_pylist()
-        except pa.ArrowInvalid as exc:
-            raise DataError(f"{field}: {path} is not valid CSV: {exc}") from None
-    if p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))):
+    if p.is_file() and p.suffix in LOCAL_SUFFIXES:
+        return _read_files(path, [path], field)
+    if p.is_dir() and any(p.glob("*.parquet")):
         import pyarrow.parquet as pq
 
         return pq.read_table(str(p)).to_pylist()
@@ -182,11 +175,6 @@ def _read_source(src: DataSource, field: str) -> list[dict]:
         return _load_dataset(DataSource(path, src.config, split), field)
     raise DataError(f"{field}: {path}: unknown format (expected .jsonl, .json, .csv, .parquet, a datasets "
                     "save_to_disk directory or a dataset directory load_dataset reads)")
-
-
-def _read_json(p: Path, field: str) -> list[dict]:
-    with open(p) as f:
-        return _parse_json(f.read(), str(p), field)
 
 
 def _parse_json(text: str, name: str, field: str) -> list[dict]:
@@ -250,7 +238,10 @@ def _read_files(name: str, files: list[str], field: str, fs=None) -> list[dict]:
         if suffix == ".csv":
             import pyarrow.csv as pcsv
 
-            rows += pcsv.read_csv(pa.BufferReader(data)).to_pylist()
+            try:
+                rows += pcsv.read_csv(pa.BufferReader(data)).to_pylist()
+            except pa.ArrowInvalid as exc:
+                raise DataError(f"{field}: {f} is not valid CSV: {exc}") from None
         else:
             rows += _parse_json(data.decode(), f, field)
     return rows

@@ -182,7 +182,7 @@ def dpo_step(model_dir: Path, device: str, dtype, pairs: int, prompt_tokens: int
     batches = []
     for i in range(steps + 2):
         batch = PreferenceBatch.from_rows(rows[i * pairs:(i + 1) * pairs], tok.pad_token_id, cfg.max_length)
-        batches.append(batch.to(device) if hasattr(batch, "to") else batch)
+        batches.append(batch.to(device))
     model.eval()
     t = time.perf_counter()
     for i, batch in enumerate(batches):

@@ -15,7 +15,6 @@ sequence at collation (`PreferenceBatch.from_rows`); with keep_start, rows whose
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -80,14 +79,13 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 def read_rows(source: str | DataSource, field: str = "dataset") -> list[dict]:
     """Rows of a JSONL file, a JSON file (JSON lines or one array), a CSV file, a Parquet file
-    or directory, a `save_to_disk` directory (`path:split` picks a split of a DatasetDict), or
-    whatever `datasets.load_dataset(path, config, split=split)` reads: a local dataset dir of
-    data files or a hub id."""
-    src = source if isinstance(source, DataSource) else DataSource(source)
-    rows = _read_source(src, field)
-    if src.columns:
-        rows = [_renamed(row, src.columns, str(src), i) for i, row in enumerate(rows)]
-    return rows
+    or directory, a glob or URI of such shards, a `save_to_disk` directory (`path:split` picks
+    a split of a DatasetDict), or whatever `datasets.load_dataset(path, config, split=split)`
+    reads: a local dataset dir of data files or a hub id. All of it, in this process: for
+    small files (prompts, eval sets); training data is read by `rayalign.stream`."""
+    from rayalign import stream
+
+    return [row for piece in stream.plan(source, field) for row in stream.read_piece(piece, field)]
 
 
 def materialize(data, field: str) -> str:
@@ -138,45 +136,6 @@ def _renamed(row, columns: tuple[tuple[str, str], ...], source: str, index: int)
     return out
 
 
-def _read_source(src: DataSource, field: str) -> list[dict]:
-    from rayalign import storage
-
-    path, split = src.path, src.split
-    if storage.is_uri(path):  # file:// reads as a local path; other stores through pyarrow
-        local = storage.local_path(path)
-        if local is None:
-            return _read_remote(path, field)
-        path = local
-    if any(c in path for c in "*?[") and not os.path.exists(path):
-        return _read_files(path, sorted(glob.glob(path)), field)
-    if split is None and not os.path.exists(path) and ":" in path:
-        path, split = path.rsplit(":", 1)
-    p = Path(path)
-    if not p.exists():
-        if p.suffix in LOCAL_SUFFIXES or p.is_absolute() or path.startswith((".", "~")):
-            raise DataError(f"{field}: file not found: {path}")
-        return _load_dataset(DataSource(path, src.config, split), field)
-    if p.is_file() and p.suffix in LOCAL_SUFFIXES:
-        return _read_files(path, [path], field)
-    if p.is_dir() and any(p.glob("*.parquet")):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(str(p)).to_pylist()
-    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
-        import datasets
-
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if split is None:
-                raise DataError(f"{field}: {path} holds splits {list(ds)}; name one as {path}:<split>")
-            ds = ds[split]
-        return ds.to_list()
-    if p.is_dir():
-        return _load_dataset(DataSource(path, src.config, split), field)
-    raise DataError(f"{field}: {path}: unknown format (expected .jsonl, .json, .csv, .parquet, a datasets "
-                    "save_to_disk directory or a dataset directory load_dataset reads)")
-
-
 def _parse_json(text: str, name: str, field: str) -> list[dict]:
     """JSON lines, or (as datasets' json loader also reads) one JSON array of rows."""
     if text.lstrip().startswith("["):
@@ -193,75 +152,6 @@ def _parse_json(text: str, name: str, field: str) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{field}: {name} row {len(rows)} (line {i + 1}): invalid JSON: {exc}") from None
     return rows
-
-
-def _read_remote(uri: str, field: str) -> list[dict]:
-    """A data file, or a directory of data files (shards, read in name order), on any store
-    pyarrow opens (s3://, gs://, hdfs://, ...)."""
-    import pyarrow.fs as pafs
-
-    from rayalign import storage
-
-    fs, base = storage.resolve(uri)
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{field}: not found: {uri}")
-    if info.type == pafs.FileType.File:
-        files = [base]
-    else:
-        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base))
-                       if i.type == pafs.FileType.File and Path(i.path).suffix in LOCAL_SUFFIXES)
-    return _read_files(uri, files, field, fs)
-
-
-def _read_files(name: str, files: list[str], field: str, fs=None) -> list[dict]:
-    """Rows of data files of one format (a glob's matches or a directory's shards), in order."""
-    import pyarrow.fs as pafs
-
-    if not files:
-        raise DataError(f"{field}: {name} matches no .jsonl / .json / .csv / .parquet file")
-    suffixes = {Path(f).suffix for f in files}
-    if len(suffixes) != 1 or not suffixes <= set(LOCAL_SUFFIXES):
-        raise DataError(f"{field}: {name}: expected data files of one format ({', '.join(LOCAL_SUFFIXES)}), got "
-                        f"{', '.join(sorted(suffixes))}")
-    fs = fs or pafs.LocalFileSystem()
-    rows: list[dict] = []
-    for f in files:
-        suffix = Path(f).suffix
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows += pq.read_table(f, filesystem=fs).to_pylist()
-            continue
-        with fs.open_input_stream(f) as stream:
-            data = stream.read()
-        if suffix == ".csv":
-            import pyarrow.csv as pcsv
-
-            try:
-                rows += pcsv.read_csv(pa.BufferReader(data)).to_pylist()
-            except pa.ArrowInvalid as exc:
-                raise DataError(f"{field}: {f} is not valid CSV: {exc}") from None
-        else:
-            rows += _parse_json(data.decode(), f, field)
-    return rows
-
-
-def _load_dataset(src: DataSource, field: str) -> list[dict]:
-    """`datasets.load_dataset` (a local dataset dir or a hub id), a named split of it."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(src.path, src.config, split=src.split)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
-        raise DataError(f"{field}: datasets.load_dataset({src.path!r}, {src.config!r}, split={src.split!r}) "
-                        f"failed: {type(exc).__name__}: {exc}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if len(ds) != 1:
-            raise DataError(f"{field}: {src.path} holds splits {list(ds)}; name one (dataset_train_split / "
-                            f"dataset_test_split, or {src.path}:<split>)")
-        ds = next(iter(ds.values()))
-    return ds.to_list()
 
 
 # ----------------------------------------------------------------------------- formats
@@ -449,107 +339,17 @@ def prompt_text_and_ids(prompt, tokenizer) -> tuple[str, list[int]]:
 # ----------------------------------------------------------------------------- validation + Ray
 
 
-def _normalize_all(rows: list[dict], kind: str, source: str, drop_bad_rows: bool) -> tuple[list[dict], int]:
-    norm = normalize_sft_row if kind == "sft" else normalize_preference_row
-    out, dropped = [], 0
-    for i, row in enumerate(rows):
-        try:
-            clean = norm(row, source, i)
-        except DataError as exc:
-            if not drop_bad_rows:
-                raise
-            dropped += 1
-            logger.warning("dropping bad row: %s", exc)
-            continue
-        clean["row_index"] = i
-        out.append(clean)
-    _check_margins(out, source)
-    return out, dropped
-
-
-def _check_margins(rows: list[dict], source: str) -> None:
-    """A margin on some rows only would be dropped for every batch that mixes them (a batch
-    carries a margin only when all its rows have one): refuse, naming the rows without."""
-    missing = [r["row_index"] for r in rows if "margin" not in r]
-    if missing and len(missing) < len(rows):
-        raise DataError(f"{source}: field 'margin' is set on {len(rows) - len(missing)} rows but missing (or null) on "
-                        f"{len(missing)}, e.g. rows {missing[:5]}: give every row a margin, or none")
-
-
 def validate_file(path: str | DataSource, tokenizer, settings: TokenizeSettings, *, kind: str = "preference",
-                  drop_bad_rows: bool = False, field: str = "train_dataset") -> tuple[pa.Table, DataInfo]:
-    """Read, check and tokenize every row on the driver, before any Ray or model work, so a
-    bad row fails the run at once with its file, row and field. Returns the tokenized rows
-    (the same columns `TokenizeStage` produces) and counts."""
-    rows = read_rows(path, field)
-    if not rows:
-        raise DataError(f"{field}: {path} has no rows")
-    clean, dropped = _normalize_all(rows, kind, path, drop_bad_rows)
-    tok_fn = tokenize_sft_row if kind == "sft" else tokenize_preference_row
-    out = []
-    for row in clean:
-        try:
-            out.append({"row_index": row["row_index"], **tok_fn(row, tokenizer, settings, path, row["row_index"])})
-        except DataError as exc:
-            if not drop_bad_rows:
-                raise
-            dropped += 1
-            logger.warning("dropping bad row: %s", exc)
-    if not out:
-        raise DataError(f"{field}: {path}: every row is bad ({dropped} dropped)")
-    if dropped:
-        logger.warning("%s: %s: dropped %d of %d rows (drop_bad_rows=true)", field, path, dropped, len(rows))
-    return pa.Table.from_pylist(out, schema=_token_schema(kind)), DataInfo(str(path), len(out), dropped)
+                  drop_bad_rows: bool = False, field: str = "train_dataset",
+                  reward_max_length: int | None = None) -> tuple[pa.Table, DataInfo]:
+    """Read, check and tokenize every row in this process: the table `stream.tokenize` builds
+    across the cluster (same rows, row_index and errors), for small data and for tests."""
+    from rayalign import stream
 
-
-def drop_over_length(table: pa.Table, max_length: int, path: str, field: str) -> pa.Table:
-    """Reward data, as TRL 1.16's RewardTrainer prepares it: a pair whose chosen or rejected
-    sequence (prompt included) is longer than `max_length` is dropped, not truncated (a score
-    read at a cut-off position would rank a sequence nobody wrote)."""
-    import pyarrow.compute as pc
-
-    prompt = pc.list_value_length(table["prompt_ids"])
-    longest = pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
-                                  pc.list_value_length(table["rejected_ids"]))
-    keep = pc.less_equal(pc.add(prompt, longest), max_length)
-    kept = table.filter(keep)
-    dropped = table.num_rows - kept.num_rows
-    if not kept.num_rows:
-        raise DataError(f"{field}: {path}: every pair is longer than max_length={max_length} tokens "
-                        f"(reward data is filtered, as TRL's RewardTrainer does); raise max_length")
-    if dropped:
-        logger.warning("%s: %s: dropped %d of %d pairs longer than max_length=%d tokens (as TRL's "
-                       "RewardTrainer)", field, path, dropped, table.num_rows, max_length)
-    return kept
-
-
-class TokenizeStage:
-    """Ray Data `map_batches` UDF: normalized rows (as JSON text) in, token ids out.
-    Loads the tokenizer once per worker."""
-
-    def __init__(self, tokenizer_path: str, settings: TokenizeSettings, kind: str, source: str,
-                 drop_bad_rows: bool):
-        from rayalign.models.loading import load_tokenizer
-
-        self.tokenizer = load_tokenizer(tokenizer_path)
-        self.settings = settings
-        self.kind = kind
-        self.source = source
-        self.drop = drop_bad_rows
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tok_fn = tokenize_sft_row if self.kind == "sft" else tokenize_preference_row
-        out = []
-        for rec in batch.to_pylist():
-            row = json.loads(rec["row"])
-            try:
-                tokens = tok_fn(row, self.tokenizer, self.settings, self.source, rec["row_index"])
-            except DataError:
-                if self.drop:
-                    continue
-                raise
-            out.append({"row_index": rec["row_index"], **tokens})
-        return pa.Table.from_pylist(out, schema=_token_schema(self.kind))
+    table, dropped = stream.tokenize_local(stream.plan(path, field), tokenizer, settings, kind=kind,
+                                           drop_bad_rows=drop_bad_rows, field=field,
+                                           reward_max_length=reward_max_length)
+    return table, DataInfo(str(path), table.num_rows, dropped)
 
 
 def _token_schema(kind: str) -> pa.Schema:
@@ -558,34 +358,6 @@ def _token_schema(kind: str) -> pa.Schema:
         return pa.schema([("row_index", pa.int64()), ("prompt_ids", ids), ("completion_ids", ids)])
     return pa.schema([("row_index", pa.int64()), ("prompt_ids", ids), ("chosen_ids", ids),
                       ("rejected_ids", ids), ("margin", pa.float64())])
-
-
-def _load(path: str, tokenizer_path: str, settings: TokenizeSettings, kind: str, drop_bad_rows: bool):
-    import ray
-
-    rows = read_rows(path)
-    clean, dropped = _normalize_all(rows, kind, path, drop_bad_rows)
-    # Rows travel as JSON text: message lists and strings keep their exact Python shape.
-    table = pa.table({"row_index": [r["row_index"] for r in clean],
-                      "row": [json.dumps(r) for r in clean]})
-    blocks = max(1, min(8, len(clean) // 256))
-    ds = ray.data.from_arrow(table).repartition(blocks)
-    ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs={
-        "tokenizer_path": tokenizer_path, "settings": settings, "kind": kind, "source": path,
-        "drop_bad_rows": drop_bad_rows}, batch_format="pyarrow", compute=_actor_pool(), num_cpus=0.5)
-    return ds, DataInfo(path, len(clean), dropped)
-
-
-def _actor_pool():
-    from ray.data import ActorPoolStrategy
-
-    return ActorPoolStrategy(size=1)
-
-
-def load_preference_dataset(path: str, tokenizer_path: str, settings: TokenizeSettings, *,
-                            drop_bad_rows: bool = False):
-    """A lazy Ray Dataset of tokenized preference rows and its DataInfo."""
-    return _load(path, tokenizer_path, settings, "preference", drop_bad_rows)
 
 
 BAD_PROMPT = "expected a non-empty string or a list of messages"

@@ -46,7 +46,7 @@ def _hash_path(h, path: str, patterns: tuple[str, ...]) -> None:
         h.update(path.encode())
 
 
-def cache_key(cfg: DPOConfig, data_path: str) -> str:
+def cache_key(cfg: DPOConfig, data_path: str, data_fingerprint: str | None = None) -> str:
     """A hex key identifying reference model + data + tokenizer + tokenization settings."""
     h = hashlib.sha256()
     ref_path = cfg.reference.model_name_or_path or cfg.model_name_or_path
@@ -58,8 +58,11 @@ def cache_key(cfg: DPOConfig, data_path: str) -> str:
             _hash_path(h, base, ("*.safetensors", "config.json"))
     _hash_path(h, cfg.tokenizer_path, ("tokenizer*.json", "*.jinja", "special_tokens_map.json",
                                        "*.model", "vocab*", "merges*"))
-    _hash_path(h, data_path.split(":")[0] if not os.path.exists(data_path) else data_path,
-               ("*.jsonl", "*.json", "*.csv", "*.parquet", "*.arrow"))
+    if data_fingerprint is not None:  # the shard set's contents (`stream.fingerprint`)
+        h.update(data_fingerprint.encode())
+    else:
+        _hash_path(h, data_path.split(":")[0] if not os.path.exists(data_path) else data_path,
+                   ("*.jsonl", "*.json", "*.csv", "*.parquet", "*.arrow"))
     settings = {
         "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
         "max_completion_length": cfg.max_completion_length, "truncation_mode": cfg.truncation_mode,
@@ -81,8 +84,8 @@ def cache_root(cfg: DPOConfig) -> str:
     return storage.join(storage.parent(cfg.output_dir), ".rayalign_ref_cache")
 
 
-def cache_dir(cfg: DPOConfig, data_path: str) -> str:
-    return storage.join(cache_root(cfg), cache_key(cfg, data_path))
+def cache_dir(cfg: DPOConfig, data_path: str, data_fingerprint: str | None = None) -> str:
+    return storage.join(cache_root(cfg), cache_key(cfg, data_path, data_fingerprint))
 
 
 def _read_table(path: str, columns=None):

@@ -249,9 +249,18 @@ class RunDir:
 # ----------------------------------------------------------------------------- resume
 
 
-def check_resume(cfg: TrainConfig, total_steps: int) -> tuple[str, int]:
+def check_resume_end(path: str, step: int, total_steps: int) -> None:
+    if step >= total_steps:
+        raise ckpt.CheckpointError(
+            f"resume_from_checkpoint={path}: the checkpoint is at step {step} and this run ends at step "
+            f"{total_steps} (max_steps / num_train_epochs): nothing is left to train. Raise max_steps or "
+            "num_train_epochs to continue it")
+
+
+def check_resume(cfg: TrainConfig, total_steps: int | None) -> tuple[str, int]:
     """Before Ray starts: the checkpoint to resume (resolved, verified) and its step.
-    Refuses one at or past the end of this run, one whose run differs on a field that must
+    Refuses one at or past the end of this run (total_steps None: checked later, once the
+    data is counted, by `check_resume_end`), one whose run differs on a field that must
     match (named, with both values), and — without overwrite_output_dir — one with later
     checkpoints beside it (`latest` would then point at the other timeline)."""
     path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
@@ -261,11 +270,8 @@ def check_resume(cfg: TrainConfig, total_steps: int) -> tuple[str, int]:
     except (FileNotFoundError, OSError, json.JSONDecodeError) as exc:
         raise ckpt.CheckpointError(f"resume_from_checkpoint={path}: no readable trainer_state.json ({exc})") from None
     step = ckpt.state_step(state)
-    if step >= total_steps:
-        raise ckpt.CheckpointError(
-            f"resume_from_checkpoint={path}: the checkpoint is at step {step} and this run ends at step "
-            f"{total_steps} (max_steps / num_train_epochs): nothing is left to train. Raise max_steps or "
-            "num_train_epochs to continue it")
+    if total_steps is not None:
+        check_resume_end(path, step, total_steps)
     mismatch = _mismatched_fields(cfg, path)
     if mismatch:
         raise ckpt.CheckpointError(

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayalign.data import (DataError, TokenizeSettings, extract_prompt, load_preference_dataset,
-                           normalize_preference_row, read_rows, tokenize_preference_row, validate_file)
+from rayalign.data import (DataError, TokenizeSettings, extract_prompt, normalize_preference_row, read_rows,
+                           tokenize_preference_row, validate_file)
 from rayalign.models.loading import load_tokenizer
 
 SETTINGS = TokenizeSettings(max_length=64)
@@ -129,16 +129,20 @@ def test_jsonl_parquet_and_save_to_disk_read_the_same(tmp_path, tok, demo_data_d
         read_rows(str(tmp_path / "dd"))
 
 
-def test_ray_data_stage_equals_the_pure_function(ray_local, tiny_model_dir, demo_data_dir, tok):
+def test_cluster_tokenization_equals_the_pure_function(ray_local, tiny_model_dir, demo_data_dir, tok):
+    from rayalign import stream
+
     path = f"{demo_data_dir}/pref_train_conversational.jsonl"
-    want = validate_file(path, tok, SETTINGS)[0].to_pylist()[:300]
-    ds, info = load_preference_dataset(path, tiny_model_dir, SETTINGS)
-    got = sorted(ds.take_all(), key=lambda r: r["row_index"])[:300]
+    want = validate_file(path, tok, SETTINGS)[0].to_pylist()
+    out = stream.tokenize(stream.plan(path), tokenizer_path=tiny_model_dir, trust_remote_code=False,
+                          settings=SETTINGS, kind="preference", drop_bad_rows=False, field="train_dataset")
+    got = out.dataset.take_all()
+    assert out.num_rows == len(want) == len(got)
     for a, b in zip(got, want):
         assert a["row_index"] == b["row_index"]
         for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
             assert list(a[k]) == b[k]
-    shards = ds.streaming_split(2, equal=True)
+    shards = out.dataset.streaming_split(2, equal=True)
     import ray
 
     @ray.remote(num_cpus=0)
@@ -147,7 +151,7 @@ def test_ray_data_stage_equals_the_pure_function(ray_local, tiny_model_dir, demo
 
     seen = ray.get([consume.remote(s) for s in shards])
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1])
-    assert len(seen[0]) + len(seen[1]) >= info.num_rows - 1
+    assert len(seen[0]) + len(seen[1]) >= out.num_rows - 1
 
 
 def test_json_array_csv_and_load_dataset_dirs_read_like_datasets(tmp_path):
@@ -180,7 +184,7 @@ def test_json_array_csv_and_load_dataset_dirs_read_like_datasets(tmp_path):
         read_rows(DataSource(str(root), "missing-config", "train"), "train_dataset")
 
 
-def test_dataset_name_trains_and_evaluates_from_its_splits(tmp_path, tok):
+def test_dataset_name_trains_and_evaluates_from_its_splits(ray_local, tmp_path, tok):
     """TRL's ScriptArguments: dataset_name + dataset_config + the two split names."""
     from rayalign.config import DPOConfig, load_config
     from rayalign.drivers.common import prepare_data
@@ -194,7 +198,8 @@ def test_dataset_name_trains_and_evaluates_from_its_splits(tmp_path, tok):
                                         "eval_strategy": "steps", "eval_steps": 5,
                                         "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "out")})
     data = prepare_data(cfg, "dpo")
-    assert data.num_train_rows == 12 and data.eval_table.num_rows == 4
+    data.build(cfg)
+    assert data.num_train_rows == 12 and len(data.eval_rows) == 4
 
 
 def test_globs_uris_and_shard_dirs_read_every_shard_in_order(tmp_path, monkeypatch):

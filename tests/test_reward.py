@@ -50,7 +50,8 @@ def test_reward_loss_and_metrics_equal_trl(tiny_model_dir, demo_data_dir, tmp_pa
         assert metrics[key].item() == pytest.approx(t_metrics[key], rel=1e-5, abs=1e-6), key
 
 
-def test_over_length_pairs_are_dropped_as_trls_reward_trainer_drops_them(tiny_model_dir, demo_data_dir, tmp_path):
+def test_over_length_pairs_are_dropped_as_trls_reward_trainer_drops_them(ray_local, tiny_model_dir, demo_data_dir,
+                                                                          tmp_path):
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig, RewardTrainer
 
@@ -74,11 +75,13 @@ def test_over_length_pairs_are_dropped_as_trls_reward_trainer_drops_them(tiny_mo
                                         "output_dir": str(tmp_path / "out"), "max_length": length,
                                         "per_device_train_batch_size": 2})
 
-    ours = prepare_data(cfg(max_length), "reward").train_table.to_pylist()
-    assert [r["prompt_ids"] + r["chosen_ids"] for r in ours] == kept["chosen_ids"]
-    assert [r["prompt_ids"] + r["rejected_ids"] for r in ours] == kept["rejected_ids"]
+    data = prepare_data(cfg(max_length), "reward")
+    data.build(cfg(max_length))  # tokenized (and filtered) across the local Ray cluster
+    ours = data.train.dataset.take_all()
+    assert [list(r["prompt_ids"]) + list(r["chosen_ids"]) for r in ours] == kept["chosen_ids"]
+    assert [list(r["prompt_ids"]) + list(r["rejected_ids"]) for r in ours] == kept["rejected_ids"]
     with pytest.raises(DataError, match=r"train_dataset: .*pairs.jsonl: every pair is longer than max_length=4"):
-        prepare_data(cfg(4), "reward")
+        prepare_data(cfg(4), "reward").build(cfg(4))
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,9 @@ class TrainConfig:
     max_completion_length: int | None = None  # rayalign extra: truncate completions first
     truncation_mode: str = "keep_start"  # TRL 1.16 default
     drop_bad_rows: bool = False  # True: drop and count malformed rows instead of failing
+    # TRL's: how many processes tokenize the data; here the most Ray tasks tokenizing pieces at once
+    # (None: as many as the cluster has CPUs)
+    dataset_num_proc: int | None = None
     trust_remote_code: bool = False
     # TRL's name. Pack a micro-batch's sequences into shared rows (restarting position ids, no
     # row longer than the longest sequence) instead of padding them. None (the default): packed
@@ -185,6 +188,8 @@ class TrainConfig:
             raise ConfigError("lora.enabled: LoRA with learner.zero_stage=3 is not supported; use stage 0-2")
 
     def _check_datasets(self) -> None:
+        _require(self.dataset_num_proc is None or self.dataset_num_proc >= 1, "dataset_num_proc",
+                 "must be >= 1 or null")
         for old, new in (self.column_mapping or {}).items():
             _one_of(new, f"column_mapping.{old}", ["prompt", "chosen", "rejected", "completion", "messages",
                                                    "margin"])

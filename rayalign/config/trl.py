@@ -181,7 +181,6 @@ TRL_FIELDS: dict[str, TRLField] = {
     "dataloader_persistent_workers": _speed(),
     "dataloader_prefetch_factor": _speed(),
     "dataloader_multiprocessing_context": _speed(),
-    "dataset_num_proc": _speed("datasets.map workers; rayalign tokenizes in its own stage"),
     "pad_to_multiple_of": _speed("padding granularity; rayalign packs or pads to the longest sequence"),
     "remove_unused_columns": _speed("TRL's DPO/reward collators read only their columns either way; so do "
                                     "rayalign's"),

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from rayalign import data as data_lib
-from rayalign import objectives, refcache, storage
+from rayalign import objectives, refcache, storage, stream
 from rayalign.actors.group import ActorGroup
 from rayalign.config import ConfigError, DPOConfig, TrainConfig
 from rayalign.models.loading import load_tokenizer
@@ -104,43 +104,52 @@ def staging_root(cfg: TrainConfig) -> str:
 
 @dataclass
 class PreparedData:
-    """Validated, tokenized data and how to produce each epoch's Ray Dataset."""
+    """Data planned and sample-checked on the driver; `build` (once Ray runs) tokenizes it
+    across the cluster (`rayalign.stream`) and makes each epoch's Ray Dataset."""
 
     kind: str
-    train_path: str
-    train_table: object  # pyarrow Table of tokenized rows (row_index, prompt_ids, ...)
+    train_path: str | None
+    train_pieces: list | None  # stream.Piece list; None when only evaluating
     eval_path: str | None = None
-    eval_table: object = None
+    eval_pieces: list | None = None
     pad_token_id: int = 0
+    tokenize_kwargs: dict = field(default_factory=dict)  # stream.tokenize's settings, shared by train and eval
+    train: stream.Tokenized | None = None  # after build()
     _train: object = None
     _cache: tuple | None = None
     _cache_dir: str | None = None
+    _row_index_array: np.ndarray | None = None
     eval_rows: list = field(default_factory=list)
     cache_missed: bool = False  # precompute: the cache was missing when the job started
     scoring_seconds: float = 0.0  # spent scoring the train set before training
 
     @property
     def num_train_rows(self) -> int:
-        return 0 if self.train_table is None else self.train_table.num_rows
+        return 0 if self.train is None else self.train.num_rows
+
+    def tokenize(self, pieces: list, field_name: str) -> stream.Tokenized:
+        return stream.tokenize(pieces, field=field_name, **self.tokenize_kwargs)
 
     def build(self, cfg: TrainConfig) -> tuple[Callable[[int], object], list]:
-        """Create the Ray Datasets (after ray.init); returns (epoch -> dataset, eval batches)."""
-        import ray
-
-        # No training rows when only evaluating (prepare_data(eval_only=True)).
-        self._train = None if self.train_table is None else ray.data.from_arrow(self.train_table)
+        """Tokenize across the cluster and create the Ray Datasets (after ray.init); returns
+        (epoch -> dataset, eval batches)."""
+        if self.train_pieces is not None:  # no training rows when only evaluating (prepare_data(eval_only=True))
+            self.train = self.tokenize(self.train_pieces, "train_dataset")
+            steps_per_epoch(self.train.num_rows, cfg)  # too few rows: fail before any actor starts
+            self._train = self.train.dataset
         eval_batches = []
-        if self.eval_table is not None:
+        if self.eval_pieces is not None:
+            evaluation = self.tokenize(self.eval_pieces, "eval_dataset").dataset
             if self.kind == "dpo" and cfg.reference_mode == "precompute":
-                self.eval_rows = self._scored_rows(cfg, self.eval_table, self.eval_path)
+                self.eval_rows = self._scored_rows(cfg, evaluation, self.eval_path, self.eval_pieces)
             else:
-                self.eval_rows = self.eval_table.to_pylist()
+                self.eval_rows = evaluation.take_all()
             objective = objectives.for_config(cfg)  # eval batches collate as the learners' do
             size = cfg.per_device_eval_batch_size
             eval_batches = [objective.collate(self.eval_rows[i:i + size], self.pad_token_id)[0]
                             for i in range(0, len(self.eval_rows), size)]
-        if self.kind == "dpo" and cfg.reference_mode == "precompute" and self.train_table is not None:
-            self._cache_dir = refcache.cache_dir(cfg, self.train_path)
+        if self.kind == "dpo" and cfg.reference_mode == "precompute" and self.train is not None:
+            self._cache_dir = refcache.cache_dir(cfg, self.train_path, stream.fingerprint(self.train_pieces))
             storage.makedirs(self._cache_dir)
             self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
             logger.info("reference cache %s: %s", self._cache_dir, "hit" if self._cache else "miss")
@@ -152,11 +161,9 @@ class PreparedData:
     def _score_all(self, cfg: DPOConfig) -> None:
         """Score every training row now, with all of this node's cores (nothing else runs
         yet), and read the result back as the cache."""
-        import ray
-
         threads = max(1, (os.cpu_count() or 1) // cfg.reference.num_actors)
         started = time.perf_counter()
-        self._attach_reference(cfg, ray.data.from_arrow(self.train_table), threads=threads).materialize()
+        self._attach_reference(cfg, self._train, threads=threads).materialize()
         if not refcache.finalize(self._cache_dir, self.num_train_rows):
             raise RuntimeError(f"reference cache {self._cache_dir}: scoring before training left rows unscored")
         self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
@@ -213,18 +220,16 @@ class PreparedData:
             num_cpus=cfg.reference.num_cpus_per_actor, num_gpus=cfg.reference.num_gpus_per_actor or None,
             batch_size=cfg.reference.batch_size, batch_format="numpy")
 
-    def _scored_rows(self, cfg: DPOConfig, table, path: str) -> list[dict]:
+    def _scored_rows(self, cfg: DPOConfig, ds, path: str, pieces: list) -> list[dict]:
         """Eval rows with reference log-probs, through the same cache (computed eagerly)."""
-        import ray
-
-        cache_dir = refcache.cache_dir(cfg, path)
+        cache_dir = refcache.cache_dir(cfg, path, stream.fingerprint(pieces))
         storage.makedirs(cache_dir)
-        cached = refcache.load_cached(cache_dir, table.num_rows, table["row_index"].to_numpy())
-        ds = ray.data.from_arrow(table)
+        row_index = np.asarray([r["row_index"] for r in ds.select_columns(["row_index"]).take_all()], dtype=np.int64)
+        cached = refcache.load_cached(cache_dir, len(row_index), row_index)
         if cached is None:
             self._attach_reference(cfg, ds, cache_dir=cache_dir).materialize()
-            refcache.finalize(cache_dir, table.num_rows)
-            cached = refcache.load_cached(cache_dir, table.num_rows, table["row_index"].to_numpy())
+            refcache.finalize(cache_dir, len(row_index))
+            cached = refcache.load_cached(cache_dir, len(row_index), row_index)
         return self._attach_reference(cfg, ds, cached=cached).take_all()
 
     def end_epoch(self, cfg: DPOConfig) -> None:
@@ -232,20 +237,21 @@ class PreparedData:
         the pass skipped (equal splits drop a remainder) are scored here first."""
         if self._cache_dir is None or self._cache is not None:
             return
-        import pyarrow.compute as pc
-        import ray
+        missing = np.setdiff1d(self._row_index, np.fromiter(refcache.scored_rows(self._cache_dir), dtype=np.int64))
+        if len(missing):
+            def unscored(rows):
+                return {k: v[np.isin(rows["row_index"], missing)] for k, v in rows.items()}
 
-        missing = sorted(set(self.train_table["row_index"].to_pylist()) - refcache.scored_rows(self._cache_dir))
-        if missing:
-            rest = self.train_table.filter(pc.is_in(self.train_table["row_index"], pa_array(missing)))
-            self._attach_reference(cfg, ray.data.from_arrow(rest)).materialize()
+            self._attach_reference(cfg, self._train.map_batches(unscored, batch_format="numpy")).materialize()
         if refcache.finalize(self._cache_dir, self.num_train_rows):
             self._cache = refcache.load_cached(self._cache_dir, self.num_train_rows, self._row_index)
             logger.info("reference cache written: %s", self._cache_dir)
 
     @property
-    def _row_index(self):
-        return self.train_table["row_index"].to_numpy()
+    def _row_index(self) -> np.ndarray:
+        if self._row_index_array is None:
+            self._row_index_array = self.train.row_index()
+        return self._row_index_array
 
 
 def precompute_schedule(cfg: DPOConfig) -> str:
@@ -260,16 +266,11 @@ def precompute_schedule(cfg: DPOConfig) -> str:
     return "stream" if cfg.reference.num_gpus_per_actor > 0 or len(nodes) > 1 else "before_training"
 
 
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(values, type=pa.int64())
-
-
 def prepare_data(cfg: TrainConfig, kind: str, *, eval_only: bool = False) -> PreparedData:
-    """Check the tokenizer and every data row before Ray work or model loading starts.
-    `eval_only` (`rayalign eval-dpo` / `eval-reward`): the eval rows alone — eval_dataset, else
-    dataset_name's dataset_test_split, else the training rows."""
+    """Check the tokenizer, plan the data's pieces and check the first rows of every file,
+    before Ray work or model loading starts (the rest is tokenized across the cluster by
+    `PreparedData.build`). `eval_only` (`rayalign eval-dpo` / `eval-reward`): the eval rows
+    alone — eval_dataset, else dataset_name's dataset_test_split, else the training rows."""
     tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
                                field=cfg.tokenizer_field)
     settings = data_lib.TokenizeSettings(
@@ -279,23 +280,30 @@ def prepare_data(cfg: TrainConfig, kind: str, *, eval_only: bool = False) -> Pre
         settings = dataclasses.replace(settings, max_length=None)
     data_kind = "sft" if kind == "sft" else "preference"
 
-    def load(path: data_lib.DataSource, name: str):
-        table, _ = data_lib.validate_file(path, tokenizer, settings, kind=data_kind,
-                                          drop_bad_rows=cfg.drop_bad_rows, field=name)
-        if kind == "reward" and cfg.max_length is not None:
-            table = data_lib.drop_over_length(table, cfg.max_length, path, name)
-        return table
+    reward_max_length = cfg.max_length if kind == "reward" else None
 
-    train = None if eval_only else load(cfg.train_source, "train_dataset")
-    if train is not None:
-        steps_per_epoch(train.num_rows, cfg)  # too few rows: fail now, not after the actors start
+    def plan(source: data_lib.DataSource, name: str) -> tuple[list, int | None]:
+        pieces = stream.plan(source, name)
+        return pieces, stream.check_sample(pieces, tokenizer, settings, kind=data_kind,
+                                           drop_bad_rows=cfg.drop_bad_rows, field=name,
+                                           reward_max_length=reward_max_length)
+
+    train = None
+    if not eval_only:
+        train, rows = plan(cfg.train_source, "train_dataset")
+        if rows is not None:  # the sample was all of it: too few rows fail now, before Ray
+            steps_per_epoch(rows, cfg)
     eval_source = cfg.eval_source
     if eval_only and eval_source is None:  # evaluation without eval data: the test split, else the training rows
         eval_source = (data_lib.DataSource(cfg.dataset_name, cfg.dataset_config, cfg.dataset_test_split)
                        if cfg.dataset_name and cfg.dataset_test_split else cfg.train_source)
-    evaluation = load(eval_source, "eval_dataset") if eval_source else None
-    return PreparedData(kind, str(cfg.train_source), train, str(eval_source) if eval_source else None, evaluation,
-                        pad_token_id=tokenizer.pad_token_id)
+    evaluation = plan(eval_source, "eval_dataset")[0] if eval_source else None
+    tokenize_kwargs = dict(tokenizer_path=cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
+                           settings=settings, kind=data_kind, drop_bad_rows=cfg.drop_bad_rows,
+                           reward_max_length=reward_max_length, num_proc=cfg.dataset_num_proc)
+    return PreparedData(kind, None if eval_only else str(cfg.train_source), train,
+                        str(eval_source) if eval_source else None, evaluation,
+                        pad_token_id=tokenizer.pad_token_id, tokenize_kwargs=tokenize_kwargs)
 
 
 def check_models(cfg: TrainConfig) -> None:

@@ -56,14 +56,12 @@ class OfflineJob(runner.Job):
         self.name = job_kind(cfg)
         self.plot_keys = PLOT_KEYS[self.name]
         common.check_models(cfg)  # model dirs: files, safetensors headers, custom code, vocab size
-        # validates paths and rows before any actor starts
+        # paths, formats and every file's first rows, before Ray starts; prepare() tokenizes the
+        # rest across the cluster and sizes the run by the rows it kept
         self.data = common.prepare_data(cfg, self.name, eval_only=eval_only)
-        if eval_only:  # no step runs; the learners' scheduler still wants a length
-            per_epoch = total = 1
-        else:
-            per_epoch = common.steps_per_epoch(self.data.num_train_rows, cfg)
-            total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
-        super().__init__(cfg, total, per_epoch, cfg.global_batch_size)
+        # eval_only: no step runs; the learners' scheduler still wants a length
+        total = 1 if eval_only else (cfg.max_steps if cfg.max_steps > 0 else None)
+        super().__init__(cfg, total, 1 if eval_only else None, cfg.global_batch_size)
         self.learners: ActorGroup | None = None
         self.epoch: int | None = None
         self.num_tokens: float | None = None  # the learners' running total after the last step
@@ -72,7 +70,12 @@ class OfflineJob(runner.Job):
         return common.local_num_cpus(self.cfg)
 
     def prepare(self) -> None:
-        self.train_ds, self.eval_batches = self.data.build(self.cfg)
+        cfg = self.cfg
+        self.train_ds, self.eval_batches = self.data.build(cfg)
+        if self.steps_per_epoch is None:
+            self.steps_per_epoch = common.steps_per_epoch(self.data.num_train_rows, cfg)
+            self.total_steps = (cfg.max_steps if cfg.max_steps > 0
+                                else math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
 
     def start(self) -> ActorGroup:
         cfg = self.cfg

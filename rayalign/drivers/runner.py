@@ -61,7 +61,9 @@ class Job(ABC):
     plot_keys: list[str]  # metrics drawn into metrics.png at the end
     log_files: tuple[str, ...] = ("metrics.jsonl",)  # copied up to a remote output_dir at every log
 
-    def __init__(self, cfg: TrainConfig, total_steps: int, steps_per_epoch: int, samples_per_step: int):
+    def __init__(self, cfg: TrainConfig, total_steps: int | None, steps_per_epoch: int | None,
+                 samples_per_step: int):
+        # None: sized by prepare() (an offline job counts its rows once Ray has tokenized them)
         self.cfg = cfg
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
@@ -123,8 +125,13 @@ def run(job: Job, report: Callable[[dict], None] | None = None,
     """Run `job` to the end; returns final metrics, the model dir and the last checkpoint.
     `report` (Ray Tune) receives the latest metrics after every evaluation."""
     cfg = job.cfg
-    resume, resume_step = check_run_start(cfg, job.total_steps)  # output dir and resume: before Ray starts
-    cfg.check_best_schedule(job.total_steps, job.steps_per_epoch)
+    # Output dir and resume before Ray starts; a job sized by its data (the rows are counted
+    # once Ray tokenized them) checks the schedule and the resume step's end after prepare().
+    sized = job.steps_per_epoch is not None
+    resume, resume_step = check_run_start(cfg, job.total_steps)  # total None: its end is checked below
+    end_checked = job.total_steps is not None
+    if sized:
+        cfg.check_best_schedule(job.total_steps, job.steps_per_epoch)
     pusher = hub.HubPusher(cfg) if cfg.push_to_hub else None  # the repo exists (or fails) before training
     try:
         with rundir.RunDir(cfg, resume_step) as run_dir:
@@ -134,6 +141,10 @@ def run(job: Job, report: Callable[[dict], None] | None = None,
             if cache_dir:
                 storage.check_shared(cache_dir, "reference.cache_dir")
             job.prepare()
+            if resume is not None and not end_checked:
+                rundir.check_resume_end(resume, resume_step, job.total_steps)
+            if not sized:
+                cfg.check_best_schedule(job.total_steps, job.steps_per_epoch)
             return with_recovery(cfg, run_dir, resume, lambda resume, recoveries: _attempt(
                 job, run_dir, resume, recoveries, report, on_step, pusher))
     finally:
@@ -324,7 +335,7 @@ def _latest(history: list[dict], step: int) -> dict:
 # ----------------------------------------------------------------------------- run mechanics
 
 
-def check_run_start(cfg: TrainConfig, total_steps: int) -> tuple[str | None, int | None]:
+def check_run_start(cfg: TrainConfig, total_steps: int | None) -> tuple[str | None, int | None]:
     """Before Ray starts: may this job write output_dir, and what does it resume?
     Returns (the resolved checkpoint to resume, its step), or (None, None)."""
     rundir.check_output_dir(cfg)

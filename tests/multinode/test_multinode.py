@@ -1,5 +1,6 @@
 """Runs across several Ray nodes on this machine (a real `ray.cluster_utils.Cluster`, in a
-subprocess so its Ray is not the suite's): learners on two nodes, the driver on a node with no
+subprocess so its Ray is not the suite's): training data as a URI of Parquet shards tokenized
+on the worker nodes, a bad row in a later shard failing the run by file/row/field, learners on two nodes, the driver on a node with no
 learner, a learner's node removed mid-run and the run recovering from its last checkpoint; and
 the shared-storage check's decision (which node cannot see the run dir)."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,28 @@ JOB = Path(__file__).with_name("job.py")
 ROOT = JOB.parent.parent.parent
 
 
+def _shards(demo_data_dir, root: Path, bad_row: tuple[int, int] | None = None) -> str:
+    """pref_train.jsonl as 4 Parquet shards under `root`, as a file:// URI; `bad_row` (shard,
+    row): that row's rejected equals its chosen."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in open(f"{demo_data_dir}/pref_train.jsonl")]
+    root.mkdir(parents=True)
+    per = -(-len(rows) // 4)
+    for k in range(4):
+        part = [dict(r) for r in rows[k * per:(k + 1) * per]]
+        if bad_row and bad_row[0] == k:
+            part[bad_row[1]]["rejected"] = part[bad_row[1]]["chosen"]
+        pq.write_table(pa.Table.from_pylist(part), root / f"part-{k:05d}.parquet")
+    return f"file://{root}"
+
+
 def _run(tiny_model_dir, demo_data_dir, out, *flags) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(JOB), tiny_model_dir, f"{demo_data_dir}/pref_train.jsonl", str(out),
+    data = _shards(demo_data_dir, Path(f"{out}-data"))
+    proc = subprocess.run([sys.executable, str(JOB), tiny_model_dir, data, str(out),
                            *flags], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -35,9 +55,14 @@ def _losses(out) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_learners_span_nodes_and_a_lost_node_is_recovered(tiny_model_dir, demo_data_dir, tmp_path):
-    clean = _run(tiny_model_dir, demo_data_dir, tmp_path / "clean")
+    bad = _shards(demo_data_dir, tmp_path / "bad-data", bad_row=(2, 150))  # past the 64-row sample
+    clean = _run(tiny_model_dir, demo_data_dir, tmp_path / "clean", "--bad-data", bad)
+    assert re.search(r"part-00002.parquet row 150, field 'rejected': identical to chosen", clean["bad_data_error"])
+    failed = tmp_path / "clean-bad"  # the failed run wrote no metrics and no checkpoint
+    assert not list(failed.glob("checkpoint-*")) and not (failed / "metrics.jsonl").exists()
     before = clean["placements"][0]
     assert len(set(before)) == 2 and clean["head"] not in before  # two nodes, none the driver's
+    assert clean["tokenize_nodes"] and clean["head"] not in clean["tokenize_nodes"]  # shards tokenized off the driver
     assert clean["checkpoint"].endswith("checkpoint-8")
 
     lost = _run(tiny_model_dir, demo_data_dir, tmp_path / "lost", "--remove-node")

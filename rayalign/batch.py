@@ -91,6 +91,10 @@ class PreferenceBatch:
             }
         )
 
+    def pin_memory(self) -> "PreferenceBatch":
+        return PreferenceBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory())
+                                  for f in fields(self)})
+
     def with_reference(self, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> "PreferenceBatch":
         """A copy carrying reference log-probs."""
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -130,6 +134,9 @@ class SequenceBatch:
 
     def to(self, device: torch.device | str) -> "SequenceBatch":
         return SequenceBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def pin_memory(self) -> "SequenceBatch":
+        return SequenceBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
 
 
 def truncate(seqs, masks, max_length: int | None, truncation_mode: str):

@@ -245,3 +245,14 @@ def test_trl_command_line_trains_through_the_cli(ray_local, tiny_model_dir, demo
     assert (out / "adapter_model.safetensors").exists()
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_trl_data_loading_knobs_are_rayalign_fields_or_name_the_one_to_use():
+    cfg = load_config(DPOConfig, None, {**REQUIRED, "dataset_num_proc": 4, "dataloader_prefetch_factor": 3,
+                                        "dataloader_pin_memory": False, "pad_to_multiple_of": "auto",
+                                        "do_eval": True, "remove_unused_columns": False})
+    assert (cfg.dataset_num_proc, cfg.dataloader_prefetch_factor, cfg.dataloader_pin_memory) == (4, 3, False)
+    with pytest.raises(ConfigError, match=r"dataloader_num_workers: 4 is not supported .*dataset_num_proc"):
+        load_config(DPOConfig, None, {**REQUIRED, "dataloader_num_workers": 4})
+    with pytest.raises(ConfigError, match=r"dataset_num_proc: must be >= 1"):
+        load_config(DPOConfig, None, {**REQUIRED, "dataset_num_proc": 0})

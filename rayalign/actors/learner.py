@@ -153,11 +153,19 @@ class PolicyLearner(DistributedWorker):
         self.epoch = epoch
         self.batches_consumed = 0
         pad = self.tokenizer.pad_token_id
-        raw = shard.iter_batches(batch_size=self.cfg.per_device_train_batch_size,
-                                 batch_format="numpy", drop_last=True)
-        self._batches = (self.objective.collate(b, pad) for b in raw)
+        raw = shard.iter_batches(batch_size=self.cfg.per_device_train_batch_size, batch_format="numpy",
+                                 drop_last=True, prefetch_batches=self.cfg.dataloader_prefetch_factor or 1)
+        self._batches = (self._collate(b, pad) for b in raw)
         for _ in range(skip_batches):
             self._next_batch()
+
+    def _collate(self, rows, pad: int):
+        """A micro-batch; dataloader_pin_memory: in page-locked host memory on a GPU learner, so
+        its copies to the device are DMA transfers (CPU learners have nothing to pin)."""
+        batch, inputs = self.objective.collate(rows, pad)
+        if self.cfg.dataloader_pin_memory and torch.device(self.engine.device).type == "cuda":
+            batch = batch.pin_memory()
+        return batch, inputs
 
     def _next_batch(self):
         batch = next(self._batches)  # StopIteration: the driver sized epochs wrong
@@ -189,8 +197,7 @@ class PolicyLearner(DistributedWorker):
             if len(rows) != ga * per:
                 raise ValueError(f"learner {self.rank}: got {len(rows)} pairs, expected "
                                  f"{ga} x per_device_train_batch_size={per}")
-            micro = [self.objective.collate(rows[i * per:(i + 1) * per], self.tokenizer.pad_token_id)
-                     for i in range(ga)]
+            micro = [self._collate(rows[i * per:(i + 1) * per], self.tokenizer.pad_token_id) for i in range(ga)]
         step_inputs = {} if beta is None else {"beta": beta}
         totals: dict[str, float] = {}
         pooled: dict[str, list[tuple[float, float]]] = {}  # (total, count) of each micro-batch
@@ -528,3 +535,4 @@ class PolicyLearner(DistributedWorker):
             if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                 raise CheckpointError(f"saved weight {name} does not fit this model's {tuple(p.shape)}")
             p.data.copy_(value)
+

@@ -125,6 +125,10 @@ class TrainConfig:
     # TRL's: how many processes tokenize the data; here the most Ray tasks tokenizing pieces at once
     # (None: as many as the cluster has CPUs)
     dataset_num_proc: int | None = None
+    # TRL's DataLoader knobs, for Ray Data's per-learner iterator: batches fetched ahead of the
+    # step (None: Ray Data's default, 1), and pinned host memory for GPU learners' copies
+    dataloader_prefetch_factor: int | None = None
+    dataloader_pin_memory: bool = True
     trust_remote_code: bool = False
     # TRL's name. Pack a micro-batch's sequences into shared rows (restarting position ids, no
     # row longer than the longest sequence) instead of padding them. None (the default): packed
@@ -188,8 +192,8 @@ class TrainConfig:
             raise ConfigError("lora.enabled: LoRA with learner.zero_stage=3 is not supported; use stage 0-2")
 
     def _check_datasets(self) -> None:
-        _require(self.dataset_num_proc is None or self.dataset_num_proc >= 1, "dataset_num_proc",
-                 "must be >= 1 or null")
+        for name in ("dataset_num_proc", "dataloader_prefetch_factor"):
+            _require(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1 or null")
         for old, new in (self.column_mapping or {}).items():
             _one_of(new, f"column_mapping.{old}", ["prompt", "chosen", "rejected", "completion", "messages",
                                                    "margin"])

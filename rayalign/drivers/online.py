@@ -62,6 +62,7 @@ class Prompts:
                             f"{cfg.per_device_train_batch_size} x gradient_accumulation_steps="
                             f"{cfg.gradient_accumulation_steps}")
         self.seed = cfg.seed
+        self.prefetch = cfg.dataloader_prefetch_factor or 1  # batches of row ids Ray Data fetches ahead
         self._ds = None
 
     def epoch_batches(self, epoch: int, skip: int):
@@ -69,7 +70,7 @@ class Prompts:
         if self._ds is None:
             self._ds = ray.data.range(len(self.rows))
         it = self._ds.random_shuffle(seed=self.seed + epoch).iter_batches(
-            batch_size=self.batch, batch_format="numpy", drop_last=True)
+            batch_size=self.batch, batch_format="numpy", drop_last=True, prefetch_batches=self.prefetch)
         for i, batch in enumerate(it):
             if i >= skip:
                 yield [self.rows[int(j)] for j in batch["id"]]

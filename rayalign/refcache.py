@@ -21,27 +21,20 @@ import numpy as np
 from rayalign import storage
 from rayalign.config import DPOConfig, is_adapter_dir
 from rayalign.models.loading import adapter_base
+from rayalign.stream import hash_file
 
 MARKER = "complete.json"
 TABLE = "ref_logps.parquet"
 
 
-def _hash_file(h, path: Path, chunk: int = 1 << 20) -> None:
-    h.update(path.name.encode())
-    h.update(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-
-
 def _hash_path(h, path: str, patterns: tuple[str, ...]) -> None:
     p = Path(path)
     if p.is_file():
-        _hash_file(h, p)
+        hash_file(h, p)
     elif p.is_dir():
         files = sorted(f for pat in patterns for f in p.rglob(pat) if f.is_file())
         for f in files:
-            _hash_file(h, f)
+            hash_file(h, f)
     else:  # a hub id: its name (and revision, when pinned) is the best we can do offline
         h.update(path.encode())
 

@@ -6,8 +6,9 @@ file is one piece, Parquet files and `datasets` datasets are cut into slices of 
 `PIECE_ROWS` rows (their row counts are in their metadata). The driver reads nothing but the
 first rows of each file, which it checks (`check_sample`) before any actor starts. Then one
 Ray task per piece reads, normalizes and tokenizes it on whichever node has a free CPU
-(`tokenize`); the tokenized blocks stay in the object store and become the Ray Dataset the
-epochs shuffle and `streaming_split` to the learners. The driver holds a few numbers per
+(`tokenize`); the tokenized pieces stay in the object store, are combined into blocks of up to
+`BLOCK_BYTES` (on the workers) and become the Ray Dataset the epochs shuffle and
+`streaming_split` to the learners (a shuffle's cost grows with the square of the block count). The driver holds a few numbers per
 piece. A bad row a task meets fails the run with its file, row and field (or, with
 `drop_bad_rows`, is counted); it is found before the first step, so nothing is written.
 
@@ -169,9 +170,9 @@ def fingerprint(pieces: list[Piece]) -> str:
             if os.path.isdir(path):
                 for arrow in sorted(Path(path).rglob("*")):
                     if arrow.is_file() and arrow.suffix in (".arrow", ".json", ".parquet", ".jsonl", ".csv"):
-                        _hash_file(h, arrow)
+                        hash_file(h, arrow)
         elif local is not None:
-            _hash_file(h, Path(local))
+            hash_file(h, Path(local))
         else:
             fs, p = storage.resolve(path)
             info = fs.get_file_info(p)
@@ -179,7 +180,8 @@ def fingerprint(pieces: list[Piece]) -> str:
     return h.hexdigest()[:24]
 
 
-def _hash_file(h, path: Path, chunk: int = 1 << 20) -> None:
+def hash_file(h, path: Path, chunk: int = 1 << 20) -> None:
+    """Feed a file's name, size and bytes to hash `h` (read in chunks: flat memory)."""
     h.update(path.name.encode())
     h.update(str(path.stat().st_size).encode())
     with open(path, "rb") as f:
@@ -269,6 +271,7 @@ class PieceResult:
     raw_rows: int
     kept: int
     dropped: int  # bad rows (drop_bad_rows) and, for reward data, over-long pairs
+    nbytes: int = 0  # of its token table
     dropped_long: int = 0
     with_margin: int = 0
     without_margin: list[int] = field(default_factory=list)  # first few file rows lacking a margin
@@ -304,7 +307,9 @@ def tokenize_rows(rows: list[dict], piece: Piece, tokenizer, settings: TokenizeS
                 result.without_margin.append(index)
         out.append({"row_index": index, **tokens})
     result.kept = len(out)
-    return pa.Table.from_pylist(out, schema=data_lib._token_schema(kind)), result
+    table = pa.Table.from_pylist(out, schema=data_lib._token_schema(kind))
+    result.nbytes = table.nbytes
+    return table, result
 
 
 def check_sample(pieces: list[Piece], tokenizer, settings: TokenizeSettings, *, kind: str,
@@ -352,11 +357,33 @@ def _tokenizer(path: str, trust_remote_code: bool, load):
     return _TOKENIZERS[key]
 
 
+BLOCK_BYTES = 128 << 20  # token blocks are combined up to this size (Ray Data's default target block size)
+
+
 def _offset_rows(table: pa.Table, offset: int) -> pa.Table:
     """File row numbers -> the dataset's row numbers (rows of the files before this one first)."""
     import pyarrow.compute as pc
 
     return table.set_column(0, "row_index", pc.add(table["row_index"], offset))
+
+
+def _combine(offsets: list[int], *tables: pa.Table) -> pa.Table:
+    """Consecutive pieces' tables as one block, rows numbered across the dataset."""
+    return pa.concat_tables([_offset_rows(t, off) for t, off in zip(tables, offsets)]).combine_chunks()
+
+
+def _blocks(results: list[PieceResult], block_bytes: int) -> list[list[int]]:
+    """Consecutive piece numbers grouped into blocks of at most `block_bytes` (a piece larger
+    than that is a block of its own). Few large blocks keep each epoch's shuffle and split
+    cheap; many pieces keep the tokenizing parallel."""
+    groups, size = [[]], 0
+    for i, r in enumerate(results):
+        if groups[-1] and size + r.nbytes > block_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += r.nbytes
+    return groups
 
 
 @dataclass
@@ -412,8 +439,10 @@ def tokenize(pieces: list[Piece], *, tokenizer_path: str, trust_remote_code: boo
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
-    offset_task = ray.remote(num_cpus=0.25)(_offset_rows)
-    refs = [offset_task.remote(t, off) if off else t for t, off in zip(tables, _file_offsets(pieces, results))]
+    combine = ray.remote(num_cpus=0.25)(_combine)
+    offsets = _file_offsets(pieces, results)
+    refs = [combine.remote([offsets[i] for i in group], *(tables[i] for i in group))
+            for group in _blocks(results, BLOCK_BYTES)]
     out = Tokenized(dataset=None, num_rows=sum(r.kept for r in results),
                     num_dropped=sum(r.dropped for r in results), num_raw=sum(r.raw_rows for r in results),
                     seconds=0.0)
@@ -435,11 +464,11 @@ def tokenize_local(pieces: list[Piece], tokenizer, settings: TokenizeSettings, *
                                       reward_max_length)
         tables.append(table)
         results.append(result)
-    tables = [_offset_rows(t, off) for t, off in zip(tables, _file_offsets(pieces, results))]
+    table = _combine(_file_offsets(pieces, results), *tables)
     out = Tokenized(dataset=None, num_rows=sum(r.kept for r in results), num_dropped=sum(r.dropped for r in results),
                     num_raw=sum(r.raw_rows for r in results), seconds=0.0)
     _check_totals(out, results, _name(pieces), field, kind, reward_max_length)
-    return pa.concat_tables(tables), out.num_dropped
+    return table, out.num_dropped
 
 
 def _file_offsets(pieces: list[Piece], results: list[PieceResult]) -> list[int]:

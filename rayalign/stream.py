@@ -404,15 +404,45 @@ class Tokenized:
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
+LOCAL_MAX_BYTES = 8 << 20  # data files up to this size are tokenized by the driver (RAYALIGN_LOCAL_TOKENIZE_BYTES)
+
+
+def data_bytes(pieces: list[Piece]) -> int | None:
+    """The data files' total size from their listings (None: unknown, e.g. a hub dataset)."""
+    total = 0
+    for path, fmt in dict.fromkeys((p.path, p.fmt) for p in pieces):
+        if fmt in ("disk", "hub"):
+            if not os.path.isdir(path):
+                return None
+            total += sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+            continue
+        fs, p = storage.resolve(path)
+        total += fs.get_file_info(p).size or 0
+    return total
+
+
 def tokenize(pieces: list[Piece], *, tokenizer_path: str, trust_remote_code: bool, settings: TokenizeSettings,
              kind: str, drop_bad_rows: bool, field: str, reward_max_length: int | None = None,
-             num_proc: int | None = None) -> Tokenized:
+             num_proc: int | None = None, local_max_bytes: int | None = None) -> Tokenized:
     """Tokenize every piece in a Ray task (at most `num_proc` at once: TRL's dataset_num_proc;
     None: as many as the cluster's CPUs run), then check the whole-dataset rules (rows left,
-    margins on all rows or none). Fails with the first bad row's file/row/field message."""
+    margins on all rows or none). Fails with the first bad row's file/row/field message.
+    Data files of at most `local_max_bytes` (default LOCAL_MAX_BYTES) are tokenized here
+    instead: a few thousand rows cost less than starting tokenizer workers."""
     import ray
 
     started = time.perf_counter()
+    if local_max_bytes is None:
+        local_max_bytes = int(os.environ.get("RAYALIGN_LOCAL_TOKENIZE_BYTES", LOCAL_MAX_BYTES))
+    size = data_bytes(pieces)
+    if size is not None and size <= local_max_bytes:
+        from rayalign.models.loading import load_tokenizer
+
+        tokenizer = _tokenizer(tokenizer_path, trust_remote_code, load_tokenizer)
+        table, dropped = tokenize_local(pieces, tokenizer, settings, kind=kind, drop_bad_rows=drop_bad_rows,
+                                        field=field, reward_max_length=reward_max_length)
+        return Tokenized(dataset=ray.data.from_arrow(table), num_rows=table.num_rows, num_dropped=dropped,
+                         num_raw=table.num_rows + dropped, seconds=time.perf_counter() - started)
     remote = ray.remote(num_cpus=1, num_returns=2, max_retries=2)(_tokenize_piece)
     args = (tokenizer_path, trust_remote_code, settings, kind, drop_bad_rows, reward_max_length, field)
     window = num_proc or max(1, int(ray.cluster_resources().get("CPU", 1)))

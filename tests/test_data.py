@@ -135,7 +135,8 @@ def test_cluster_tokenization_equals_the_pure_function(ray_local, tiny_model_dir
     path = f"{demo_data_dir}/pref_train_conversational.jsonl"
     want = validate_file(path, tok, SETTINGS)[0].to_pylist()
     out = stream.tokenize(stream.plan(path), tokenizer_path=tiny_model_dir, trust_remote_code=False,
-                          settings=SETTINGS, kind="preference", drop_bad_rows=False, field="train_dataset")
+                          settings=SETTINGS, kind="preference", drop_bad_rows=False, field="train_dataset",
+                          local_max_bytes=0)  # Ray tasks, not the small-data shortcut
     got = out.dataset.take_all()
     assert out.num_rows == len(want) == len(got)
     for a, b in zip(got, want):

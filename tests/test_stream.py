@@ -42,7 +42,7 @@ def write_shards(root, rows, n, fmt="jsonl", bad=None):
 
 
 def cluster_tokenize(source, tiny_model_dir, **kw):
-    kw = {"drop_bad_rows": False, "num_proc": None, **kw}
+    kw = {"drop_bad_rows": False, "num_proc": None, "local_max_bytes": 0, **kw}  # 0: always Ray tasks
     return stream.tokenize(stream.plan(source, "train_dataset"), tokenizer_path=tiny_model_dir,
                            trust_remote_code=False, settings=SETTINGS, kind="preference", field="train_dataset",
                            **kw)
@@ -75,6 +75,8 @@ def test_sharded_data_tokenized_on_the_cluster_equals_the_single_process_table(
             assert [list(a[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")] == \
                    [b[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")], source
         assert sorted(out.row_index()) == list(range(len(rows)))
+        small = cluster_tokenize(source, tiny_model_dir, local_max_bytes=1 << 30)  # the driver's shortcut
+        assert small.dataset.take_all() == got, source
 
 
 def test_a_bad_row_past_the_sample_fails_the_cluster_pass_by_shard_row_and_field(

@@ -39,7 +39,8 @@ def _shards(demo_data_dir, root: Path, bad_row: tuple[int, int] | None = None) -
 
 
 def _run(tiny_model_dir, demo_data_dir, out, *flags) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    # RAYALIGN_LOCAL_TOKENIZE_BYTES=0: the demo data is small enough for the driver; tokenize on the workers
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0", "RAYALIGN_LOCAL_TOKENIZE_BYTES": "0"}
     env.pop("RAY_ADDRESS", None)
     data = _shards(demo_data_dir, Path(f"{out}-data"))
     proc = subprocess.run([sys.executable, str(JOB), tiny_model_dir, data, str(out),

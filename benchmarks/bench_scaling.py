@@ -122,10 +122,31 @@ def online(model: str, prompts: str, rollouts: int, steps: int, out: str) -> dic
             "completions_per_s": 2 * per_step / step, **part, "other_s": step - sum(part.values())}
 
 
+def one_job(kind: str, n: int, steps: int, work: Path) -> dict:
+    """One job in a fresh process (each starts a Ray sized for its own actors)."""
+    import subprocess
+
+    code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import bench_scaling as b; from pathlib import Path; "
+            f"print('RESULT', json.dumps(b.run_job({kind!r}, {n}, {steps}, Path({str(work)!r}))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} x{n}: {proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_job(kind: str, n: int, steps: int, work: Path) -> dict:
+    out = tempfile.mkdtemp(prefix=f"{kind}-{n}-", dir=work)
+    if kind == "offline":
+        return offline(work / "scale-model", work / "pairs.parquet", n, steps, out)
+    return online(f"{work}/tiny", f"{work}/demo-data/prompts_train.jsonl", n, steps, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--workdir", default="/tmp/rayalign-bench-scaling")
+    p.add_argument("--parts", nargs="+", default=["offline", "online"])
     a = p.parse_args()
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -142,25 +163,21 @@ def main() -> None:
     if not pairs.exists():
         src = scale.write_data(work / "gen", n_pairs=400, n_prompts=1)[0]
         pq.write_table(pa.Table.from_pylist([json.loads(x) for x in src.read_text().splitlines()]), pairs)
-    tiny = str(build_demo_model(f"{work}/tiny"))
-    prompts = str(write_demo_data(f"{work}/demo-data") / "prompts_train.jsonl")
-    out = tempfile.mkdtemp(prefix="scaling-", dir=work)
+    build_demo_model(f"{work}/tiny")
+    write_demo_data(f"{work}/demo-data")
     numel = scale.num_params(model)
 
-    result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "params": numel,
-              "offline": [], "online": []}
-    for n in (1, 2):
-        row = offline(model, pairs, n, a.steps, f"{out}/dpo-{n}")
-        print(json.dumps({k: v for k, v in row.items() if k != "step_times"}), flush=True)
-        result["offline"].append(row)
-    result["allreduce_s"] = allreduce_seconds(numel)
-    result["allreduce_bytes"] = 4 * numel
-    print(json.dumps({"allreduce_s": result["allreduce_s"], "bytes": 4 * numel}), flush=True)
-    for r in (1, 2):
-        row = online(tiny, prompts, r, a.steps, f"{out}/online-{r}")
-        print(json.dumps(row), flush=True)
-        result["online"].append(row)
-    (HERE / "bench_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = HERE / "bench_scaling.json"  # a run of some --parts keeps the other parts' results
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "params": numel})
+    if "offline" in a.parts:
+        result["offline"] = [one_job("offline", n, a.steps, work) for n in (1, 2)]
+        result["allreduce_s"] = allreduce_seconds(numel)
+        result["allreduce_bytes"] = 4 * numel
+    if "online" in a.parts:
+        result["online"] = [one_job("online", r, a.steps, work) for r in (1, 2)]
+    print(json.dumps(result, indent=2))
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""The synchronous-step cost model of docs/scaling.md, evaluated for 8-64 GPUs.
+
+    python benchmarks/scaling_model.py        # prints the tables docs/scaling.md shows
+
+Every input is an assumption stated in ASSUMED (published peak numbers, an MFU, achieved
+bandwidths); nothing here is a measurement. The per-step parts it adds up are the ones
+benchmarks/bench_scaling.py measures on the CPU machine (compute, gradient all-reduce,
+generation, weight push, driver).
+"""
+
+from __future__ import annotations
+
+ASSUMED = {
+    "peak_bf16_flops": 989e12,  # H100 / H200 SXM dense bf16 (NVIDIA data sheets; H200 has the same compute)
+    "hbm_bytes_per_s": {"H100": 3.35e12, "H200": 4.8e12},  # data sheets
+    "mfu_train": 0.40,  # model FLOPs utilisation of a learner step (DPO on 1-2k-token pairs)
+    "mfu_generate": 0.30,  # when generation is compute-bound (large decode batches)
+    "decode_bw_efficiency": 0.6,  # fraction of HBM bandwidth a memory-bound decode step reaches
+    "allreduce_bus_bytes_per_s": {"intra_node": 400e9, "inter_node": 40e9},  # NVLink node; 400 Gb/s NIC per GPU
+    "gpus_per_node": 8,
+    "driver_s": 0.01,  # Ray calls and driver work per synchronous step
+}
+
+
+def comm_bw(n: int) -> float:
+    a = ASSUMED["allreduce_bus_bytes_per_s"]
+    return a["intra_node"] if n <= ASSUMED["gpus_per_node"] else a["inter_node"]
+
+
+def allreduce_s(num_bytes: float, n: int) -> float:
+    """Ring all-reduce (or ZeRO-2's reduce-scatter + all-gather, the same volume): each GPU
+    moves 2 (n - 1) / n of the buffer at the bus bandwidth."""
+    return 0.0 if n == 1 else num_bytes * 2 * (n - 1) / n / comm_bw(n)
+
+
+def offline_dpo(params: float, n: int, pairs_per_gpu: int = 4, tokens_per_seq: int = 1024,
+                live_reference: bool = False, overlap: bool = False) -> dict:
+    tokens = pairs_per_gpu * 2 * tokens_per_seq  # chosen + rejected
+    flops = (6 + (2 if live_reference else 0)) * params * tokens
+    compute = flops / (ASSUMED["peak_bf16_flops"] * ASSUMED["mfu_train"])
+    comm = allreduce_s(2 * params, n)  # bf16 gradients
+    step = (max(compute, comm) if overlap else compute + comm) + ASSUMED["driver_s"]
+    return {"gpus": n, "compute_s": compute, "comm_s": comm, "step_s": step,
+            "pairs_per_s": n * pairs_per_gpu / step, "efficiency": compute / step}
+
+
+def online_dpo(params: float, learner_gpus: int, rollout_gpus: int, prompts: int, prompt_tokens: int,
+               new_tokens: int, gpu: str = "H100") -> dict:
+    """One synchronous step: generate 2 completions per prompt on the rollout GPUs, then
+    train on the pairs, then push the weights to every engine (NCCL broadcast, bf16)."""
+    seqs_per_engine = 2 * prompts / rollout_gpus
+    # decode: each new token reads the weights once (memory-bound) or costs 2 P flops per sequence
+    per_token = max(2 * params / (ASSUMED["hbm_bytes_per_s"][gpu] * ASSUMED["decode_bw_efficiency"]),
+                    2 * params * seqs_per_engine / (ASSUMED["peak_bf16_flops"] * ASSUMED["mfu_generate"]))
+    prefill = 2 * params * seqs_per_engine * prompt_tokens / (ASSUMED["peak_bf16_flops"] * ASSUMED["mfu_generate"])
+    generate = prefill + new_tokens * per_token
+    tokens = 2 * prompts * (prompt_tokens + new_tokens) / learner_gpus
+    train = (6 + 2) * params * tokens / (ASSUMED["peak_bf16_flops"] * ASSUMED["mfu_train"])  # + reference
+    train += allreduce_s(2 * params, learner_gpus)
+    push = 2 * params / comm_bw(learner_gpus + rollout_gpus)
+    step = generate + train + push + ASSUMED["driver_s"]
+    return {"gpus": learner_gpus + rollout_gpus, "generate_s": generate, "train_s": train, "push_s": push,
+            "step_s": step, "prompts_per_s": prompts / step}
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    for name, params in (("0.5B", 0.5e9), ("7B", 7e9)):
+        print(f"\nOffline DPO, {name}, 4 pairs x 1024 tokens per GPU, precomputed reference, no overlap:")
+        print(table([offline_dpo(params, n) for n in (1, 8, 16, 32, 64)],
+                    ["gpus", "compute_s", "comm_s", "step_s", "pairs_per_s", "efficiency"]))
+    for name, params in (("0.5B", 0.5e9), ("7B", 7e9)):
+        print(f"\nOnline DPO, {name}, H100, 32 prompts per learner GPU, prompt 256 + 256 new tokens, "
+              "half the GPUs learn, half generate:")
+        rows = [online_dpo(params, n // 2, n // 2, 32 * (n // 2), 256, 256) for n in (8, 16, 32, 64)]
+        print(table(rows, ["gpus", "generate_s", "train_s", "push_s", "step_s", "prompts_per_s"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -153,10 +153,12 @@ def _run(command: str, rest: list[str]) -> int:
         if command == "tiny-model":
             parser.add_argument("--output", required=True)
             parser.add_argument("--seed", type=int, default=0)
+            parser.add_argument("--size", choices=["tiny", "small"], default="tiny",
+                                help="tiny: 2 x 64 (fast, capacity-bound); small: 4 x 128, the demo's")
             a = parser.parse_args(rest)
             from rayalign.demo.task import build_demo_model
 
-            print(build_demo_model(a.output, seed=a.seed))
+            print(build_demo_model(a.output, seed=a.seed, size=a.size))
         elif command == "demo-data":
             parser.add_argument("--output", required=True)
             parser.add_argument("--seed", type=int, default=0)

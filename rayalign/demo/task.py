@@ -3,10 +3,16 @@
     prompt:     "Reverse: c a f b ->"
     completion: " b f a c"     (standard format: a leading space, as prompt + completion is one text)
 
-A tiny model learns it from a minute of SFT on 2 CPU cores, only partly, which leaves
-headroom for DPO and online DPO. `write_demo_data` writes (seeded, deterministic):
+The demo model (`build_demo_model(size="small")`, 1.1M parameters) learns it completely from
+clean demonstrations in 400 SFT steps. The demo's SFT stage instead learns from sloppy ones,
+as real SFT data often is: `sft_train_sloppy.jsonl` is `sft_train.jsonl` where 60% of the
+answers to long inputs (7-9 letters) leave off the last letter. The SFT model imitates that
+and leaves the last letter off most long answers; the preference pairs and the reward know
+better, which is the headroom DPO and online DPO are shown to use. `write_demo_data` writes
+(seeded, deterministic):
 
     sft_train.jsonl / sft_eval.jsonl                         {"prompt", "completion"}
+    sft_train_sloppy.jsonl                                   the same problems, sloppy answers
     sft_train_conversational.jsonl                           message lists
     pref_train.jsonl / pref_eval.jsonl                       {"prompt", "chosen", "rejected"}
     pref_train_conversational.jsonl / pref_eval_conversational.jsonl
@@ -17,7 +23,8 @@ headroom for DPO and online DPO. `write_demo_data` writes (seeded, deterministic
 
 Chosen completions are correct; rejected ones are plausible mistakes (the input copied
 unreversed, two neighbours swapped, a letter dropped or replaced). `build_demo_model` builds
-the tiny model with a tokenizer trained on the task's text.
+the tiny model (the tests' default, 2 layers of width 64: capacity-bound near 0.6 correctness)
+or the demo's small one, each with a tokenizer trained on the task's text.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ from typing import Any, Sequence
 LETTERS = "abcdefghijkl"
 MIN_LEN, MAX_LEN = 4, 9
 PROMPT_PREFIX = "Reverse:"
+# The sloppy demonstrations: this share of the answers to inputs of SLOPPY_MIN_LEN letters or
+# more leave off the last letter (above one half, so the SFT model's greedy answer does too).
+SLOPPY_MIN_LEN, SLOPPY_RATE = 7, 0.6
+# Model sizes (build_tiny_model's arguments): "tiny" is the tests' fast default, "small" the demo's.
+MODEL_SIZES = {"tiny": {}, "small": {"hidden_size": 128, "num_layers": 4, "num_heads": 4,
+                                     "intermediate_size": 512}}
 
 
 def make_problem(rng: random.Random) -> list[str]:
@@ -72,6 +85,14 @@ def wrong_answer(letters: Sequence[str], rng: random.Random) -> str:
     return " ".join(out)
 
 
+def sloppy_answer(letters: Sequence[str], rng: random.Random) -> str:
+    """A sloppy annotator's answer: for long inputs, often the reversal without its last letter."""
+    answer = list(reversed(letters))
+    if len(letters) >= SLOPPY_MIN_LEN and rng.random() < SLOPPY_RATE:
+        answer = answer[:-1]
+    return " ".join(answer)
+
+
 def _problems(seed: int, n: int, exclude: set[str] | None = None) -> list[list[str]]:
     rng = random.Random(seed)
     seen = set(exclude or ())
@@ -111,18 +132,21 @@ def write_demo_data(output_dir, *, seed: int = 0, n_sft: int = 4000, n_pref: int
     held_out = {"".join(p) for p in eval_problems}
     train_problems = _problems(seed * 1000 + 2, max(n_sft, n_pref, n_prompts), exclude=held_out)
     rng = random.Random(seed * 1000 + 3)
+    sloppy_rng = random.Random(seed * 1000 + 4)
 
     def pref_rows(problems):
         return [(prompt_text(p), answer_text(p), wrong_answer(p, rng)) for p in problems]
 
     sft_train = [(prompt_text(p), answer_text(p)) for p in train_problems[:n_sft]]
     sft_eval = [(prompt_text(p), answer_text(p)) for p in eval_problems]
+    sft_sloppy = [(prompt_text(p), sloppy_answer(p, sloppy_rng)) for p in train_problems[:n_sft]]
     pref_train = pref_rows(train_problems[:n_pref])
     pref_eval = pref_rows(eval_problems)
     # Standard-format completions start with a space: TRL concatenates prompt + completion text.
     files: dict[str, list[dict]] = {
         "sft_train.jsonl": [{"prompt": p, "completion": " " + c} for p, c in sft_train],
         "sft_eval.jsonl": [{"prompt": p, "completion": " " + c} for p, c in sft_eval],
+        "sft_train_sloppy.jsonl": [{"prompt": p, "completion": " " + c} for p, c in sft_sloppy],
         "sft_train_conversational.jsonl": [{"prompt": _user(p), "completion": _assistant(c)}
                                            for p, c in sft_train],
         "pref_train.jsonl": [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in pref_train],
@@ -157,11 +181,14 @@ def corpus(seed: int = 0, n: int = 3000) -> list[str]:
     return lines
 
 
-def build_demo_model(output_dir, *, seed: int = 0) -> Path:
-    """The tiny model (rayalign/models/tiny.py) with its tokenizer trained on this task's text."""
+def build_demo_model(output_dir, *, seed: int = 0, size: str = "tiny") -> Path:
+    """The tiny model (rayalign/models/tiny.py) at one of MODEL_SIZES, with its tokenizer
+    trained on this task's text."""
     from rayalign.models.tiny import build_tiny_model
 
-    return build_tiny_model(output_dir, corpus(seed), seed=seed)
+    if size not in MODEL_SIZES:
+        raise ValueError(f"size: {size!r} is not one of {sorted(MODEL_SIZES)}")
+    return build_tiny_model(output_dir, corpus(seed), seed=seed, **MODEL_SIZES[size])
 
 
 # ---------------------------------------------------------------------------- checking

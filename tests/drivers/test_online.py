@@ -264,33 +264,43 @@ def test_bad_reward_function_fails_before_ray(sft_model_dir, prompt_files, tmp_p
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
-def test_online_dpo_raises_the_demo_reward_over_the_sft_model(ray_local, sft_model_dir, demo_data_dir, tmp_path):
-    """The demo's online DPO stage (rule-based reward, HF rollouts) at temperature 1 for 120
-    steps of 32 prompts: the reward of the policy's own samples rises during training, and on
-    the 200 held-out problems the eval job scores the trained policy's samples higher than the
-    SFT model's (8 samples per problem, the same reward as a float checker)."""
-    import dataclasses
+@pytest.fixture(scope="module")
+def sloppy_sft(ray_local, tmp_path_factory):
+    """The demo's SFT stage: its small model (4 x 128) after 400 SFT steps on the sloppy
+    demonstrations, which leave the last letter off most answers to long inputs; (model, data)."""
+    from rayalign.demo.pipeline import sft_config
+    from rayalign.demo.task import build_demo_model, write_demo_data
 
+    root = tmp_path_factory.mktemp("sloppy")
+    model = build_demo_model(root / "model", seed=0, size="small")
+    data = write_demo_data(root / "data", seed=0)
+    rayalign.train_sft(sft_config(model, data, root / "sft", seed=0))
+    return root / "sft", data
+
+
+@pytest.mark.slow
+def test_online_dpo_raises_held_out_correctness_over_the_sft_model(sloppy_sft, tmp_path):
+    """The demo's online DPO stage (rule-based reward, HF rollouts, temperature 1) for 60 steps
+    of 32 prompts from the demo's SFT model: the reward of the policy's own samples rises, and
+    greedy correctness on the 200 held-out problems rises by at least 0.10 over the SFT model's
+    (measured: 0.65 -> 0.88 with vLLM rollouts in `make demo`; the 95% half-width is ~0.06)."""
     from rayalign.config import EvalConfig
     from rayalign.demo.pipeline import online_dpo_config
     from rayalign.drivers.evaluate import run_eval
 
+    sft_dir, data = sloppy_sft
     out = tmp_path / "online"
-    cfg = dataclasses.replace(online_dpo_config(sft_model_dir, demo_data_dir, out, steps=120, backend="hf"),
-                              temperature=1.0, learning_rate=2e-4)
-    rayalign.train_online_dpo(cfg)
+    rayalign.train_online_dpo(online_dpo_config(sft_dir, data, out, steps=60, backend="hf"))
     scores = [r["objective/scores"] for r in train_rows(out)]
-    assert len(scores) == 12  # logged every 10 steps
-    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
-    assert last > first + 0.02, scores
+    assert len(scores) == 6  # logged every 10 steps
+    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2, scores
 
     summary = run_eval(from_dict(EvalConfig, {
-        "models": [{"name": "sft", "path": sft_model_dir}, {"name": "online", "path": str(out)}],
-        "eval_dataset": f"{demo_data_dir}/sft_eval.jsonl", "output_dir": str(tmp_path / "eval"),
-        "checker": "rayalign.demo.task:demo_reward", "temperature": 1.0, "num_samples": 8, "max_new_tokens": 16,
+        "models": [{"name": "sft", "path": str(sft_dir)}, {"name": "online", "path": str(out)}],
+        "eval_dataset": f"{data}/sft_eval.jsonl", "output_dir": str(tmp_path / "eval"),
+        "checker": "rayalign.demo.task:check_answers", "max_new_tokens": 16,
         "rollout": {"backend": "hf", "num_cpus_per_actor": 1}, "logging": {"progress_bar": False}}))
     sft, online = (m["checker"] for m in summary["models"])
-    print(f"objective/scores every 10 steps: {scores}; held-out sampled reward: sft {sft} online {online}")
-    assert sft["n"] == online["n"] == 1600
-    assert online["mean"] > sft["mean"] + 0.01, (sft, online)
+    print(f"objective/scores every 10 steps: {scores}; held-out greedy correctness: sft {sft} online {online}")
+    assert sft["n"] == online["n"] == 200
+    assert online["mean"] >= sft["mean"] + 0.10, (sft, online)

@@ -106,7 +106,7 @@ def run_trl_offline(sft: Path, data: Path, out: Path, a) -> dict:
     curve: list = []
     args = DPOConfig(
         output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
-        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="constant", max_length=MAX_LENGTH,
+        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type=a.scheduler, max_length=MAX_LENGTH,
         beta=a.beta, loss_type=["sigmoid"], logging_steps=10, save_strategy="no", dataloader_num_workers=0,
         seed=a.seed, disable_tqdm=True, bf16=False, gradient_checkpointing=False)
     rows = [json.loads(x) for x in open(data / "pref_train.jsonl")]
@@ -133,7 +133,7 @@ def run_trl(sft: Path, data: Path, out: Path, a) -> dict:
     curve: list = []
     args = OnlineDPOConfig(
         output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
-        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="constant", max_length=MAX_LENGTH,
+        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type=a.scheduler, max_length=MAX_LENGTH,
         max_new_tokens=MAX_NEW_TOKENS, temperature=a.temperature, beta=[a.beta], loss_type="sigmoid",
         missing_eos_penalty=EOS_PENALTY, logging_steps=10, save_strategy="no", dataloader_num_workers=0,
         seed=a.seed, disable_tqdm=True, bf16=False)
@@ -155,7 +155,7 @@ def run_rayalign_offline(sft: Path, data: Path, out: Path, a) -> dict:
     rayalign.train_dpo({
         "model_name_or_path": str(sft), "train_dataset": str(data / "pref_train.jsonl"), "output_dir": str(out),
         "gradient_checkpointing": False, "overwrite_output_dir": True, "max_steps": a.steps,
-        "per_device_train_batch_size": a.batch, "learning_rate": a.lr, "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": a.batch, "learning_rate": a.lr, "lr_scheduler_type": a.scheduler,
         "beta": a.beta, "loss_type": "sigmoid", "max_length": MAX_LENGTH, "logging_steps": 10,
         "save_steps": a.eval_every, "save_total_limit": None, "seed": a.seed,
         "logging": {"progress_bar": False, "report_to": []},
@@ -171,7 +171,7 @@ def run_rayalign(sft: Path, data: Path, out: Path, a) -> dict:
     rayalign.train_online_dpo({
         "model_name_or_path": str(sft), "train_dataset": str(data / "prompts_train.jsonl"),
         "output_dir": str(out), "gradient_checkpointing": False, "overwrite_output_dir": True, "max_steps": a.steps,
-        "per_device_train_batch_size": a.batch, "learning_rate": a.lr, "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": a.batch, "learning_rate": a.lr, "lr_scheduler_type": a.scheduler,
         "beta": a.beta, "loss_type": "sigmoid", "max_length": MAX_LENGTH, "max_new_tokens": MAX_NEW_TOKENS,
         "temperature": a.temperature, "reward_funcs": [f"rayalign.demo.task:{a.reward}"],
         "missing_eos_penalty": EOS_PENALTY, "logging_steps": 10, "save_steps": a.eval_every,
@@ -203,6 +203,7 @@ def main() -> None:
     p.add_argument("--setup", choices=["demo", "tiny"], default="demo")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--scheduler", default="constant", help="lr_scheduler_type, both sides")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=32)
@@ -220,7 +221,8 @@ def main() -> None:
     logging.disable(logging.WARNING)
     workdir = Path(a.workdir or f"/tmp/learn-dpo-{a.setup}")
     sft, data = build(workdir, a.setup)
-    tag = f"{a.algo}-{a.setup}-{a.reward if a.algo == 'online' else 'pairs'}-lr{a.lr:g}-t{a.temperature:g}-beta{a.beta:g}-bs{a.batch}-n{a.steps}-s{a.seed}"
+    tag = (f"{a.algo}-{a.setup}-{a.reward if a.algo == 'online' else 'pairs'}-lr{a.lr:g}-t{a.temperature:g}"
+           f"-beta{a.beta:g}-bs{a.batch}-n{a.steps}-s{a.seed}" + ("" if a.scheduler == "constant" else f"-{a.scheduler}"))
     results = {"settings": vars(a)}
     for side in a.sides.split(","):
         fn = {("trl", "online"): run_trl, ("rayalign", "online"): run_rayalign,

@@ -162,10 +162,12 @@ def _run(command: str, rest: list[str]) -> int:
         elif command == "demo-data":
             parser.add_argument("--output", required=True)
             parser.add_argument("--seed", type=int, default=0)
+            parser.add_argument("--n_pref", type=int, default=8000,
+                                help="preference pairs in pref_train*.jsonl (the demo's 8000)")
             a = parser.parse_args(rest)
             from rayalign.demo.task import write_demo_data
 
-            print(write_demo_data(a.output, seed=a.seed))
+            print(write_demo_data(a.output, seed=a.seed, n_pref=a.n_pref))
         elif command == "demo":
             parser.add_argument("--output_dir", default="outputs/demo")
             parser.add_argument("--sft_steps", type=int, default=None)

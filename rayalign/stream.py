@@ -327,10 +327,8 @@ def check_sample(pieces: list[Piece], tokenizer, settings: TokenizeSettings, *, 
         results.append(result)
         kept += result.kept
         whole = whole and len(rows) < SAMPLE_ROWS  # fewer rows than asked: the file ended
-    out = Tokenized(dataset=None, num_rows=kept, num_dropped=sum(r.dropped for r in results),
-                    num_raw=sum(r.raw_rows for r in results), seconds=0.0)
     if whole:
-        _check_totals(out, results, _name(pieces), field, kind, reward_max_length)
+        _check_totals(results, _name(pieces), field, kind, reward_max_length)
         return kept
     _check_margins(results, _name(pieces), kind)  # a mix of rows with and without one shows in the sample
     return None
@@ -473,10 +471,7 @@ def tokenize(pieces: list[Piece], *, tokenizer_path: str, trust_remote_code: boo
     offsets = _file_offsets(pieces, results)
     refs = [combine.remote([offsets[i] for i in group], *(tables[i] for i in group))
             for group in _blocks(results, BLOCK_BYTES)]
-    out = Tokenized(dataset=None, num_rows=sum(r.kept for r in results),
-                    num_dropped=sum(r.dropped for r in results), num_raw=sum(r.raw_rows for r in results),
-                    seconds=0.0)
-    _check_totals(out, results, _name(pieces), field, kind, reward_max_length)
+    out = _check_totals(results, _name(pieces), field, kind, reward_max_length)
     out.dataset = ray.data.from_arrow_refs(refs).materialize()
     out.seconds = time.perf_counter() - started
     logger.info("%s: %d rows tokenized in %d pieces across the cluster in %.1fs", field, out.num_rows,
@@ -495,10 +490,7 @@ def tokenize_local(pieces: list[Piece], tokenizer, settings: TokenizeSettings, *
         tables.append(table)
         results.append(result)
     table = _combine(_file_offsets(pieces, results), *tables)
-    out = Tokenized(dataset=None, num_rows=sum(r.kept for r in results), num_dropped=sum(r.dropped for r in results),
-                    num_raw=sum(r.raw_rows for r in results), seconds=0.0)
-    _check_totals(out, results, _name(pieces), field, kind, reward_max_length)
-    return table, out.num_dropped
+    return table, _check_totals(results, _name(pieces), field, kind, reward_max_length).num_dropped
 
 
 def _file_offsets(pieces: list[Piece], results: list[PieceResult]) -> list[int]:
@@ -531,8 +523,12 @@ def _get(ref):
         raise
 
 
-def _check_totals(out: Tokenized, results: list[PieceResult], name: str, field: str, kind: str,
-                  reward_max_length: int | None) -> None:
+def _check_totals(results: list[PieceResult], name: str, field: str, kind: str,
+                  reward_max_length: int | None) -> Tokenized:
+    """The whole-dataset rules over the pieces' counts (rows left, margins on all rows or none);
+    returns the counts as a Tokenized without its dataset."""
+    out = Tokenized(dataset=None, num_rows=sum(r.kept for r in results), num_dropped=sum(r.dropped for r in results),
+                    num_raw=sum(r.raw_rows for r in results), seconds=0.0)
     if not out.num_raw:
         raise DataError(f"{field}: {name} has no rows")
     long = sum(r.dropped_long for r in results)
@@ -548,6 +544,7 @@ def _check_totals(out: Tokenized, results: list[PieceResult], name: str, field: 
         logger.warning("%s: %s: dropped %d of %d pairs longer than max_length=%d tokens (as TRL's "
                        "RewardTrainer)", field, name, long, out.num_raw, reward_max_length)
     _check_margins(results, name, kind)
+    return out
 
 
 def _check_margins(results: list[PieceResult], name: str, kind: str) -> None:

@@ -41,3 +41,21 @@ def test_reward_orders_answers():
 def test_exact_reward_gives_no_partial_credit():
     p = "Reverse: a b c ->"
     assert exact_reward([p] * 3, [" c b a", " c a b", "c b a"]) == [1.0, 0.0, 1.0]
+
+
+def test_sloppy_demonstrations_drop_the_last_letter_of_long_answers_only(demo_data_dir):
+    from rayalign.demo.task import SLOPPY_MIN_LEN, SLOPPY_RATE, parse_problem
+
+    clean = rows(Path(demo_data_dir, "sft_train.jsonl"))
+    sloppy = rows(Path(demo_data_dir, "sft_train_sloppy.jsonl"))
+    assert [r["prompt"] for r in clean] == [r["prompt"] for r in sloppy]
+    dropped = long = 0
+    for c, s in zip(clean, sloppy):
+        if len(parse_problem(c["prompt"])) < SLOPPY_MIN_LEN:
+            assert s == c
+            continue
+        long += 1
+        if s != c:
+            assert s["completion"] == c["completion"][:-2]  # " ... x" without " x"
+            dropped += 1
+    assert long > 1000 and abs(dropped / long - SLOPPY_RATE) < 0.04, (dropped, long)

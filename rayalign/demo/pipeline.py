@@ -139,7 +139,7 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     print(f"\n== reward model eval accuracy: {reward['metrics']['eval_accuracy']:.3f}")
 
     steps = dpo_steps or 200
-    pairs_per_step = 32
+    pairs_per_step = (32 // num_learners) * num_learners  # offline DPO's, for online DPO too
     dpo_cfg = dpo_config(out / "sft", data, out / "dpo", steps=steps, num_learners=num_learners, seed=seed)
     t0 = time.time()
     dpo = train(dpo_cfg)

@@ -95,57 +95,57 @@ def _train_log(rows) -> list[dict]:
     return [{k: v for k, v in r.items() if k in keys} for r in rows if "loss" in r]
 
 
-def run_trl_offline(sft: Path, data: Path, out: Path, a) -> dict:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+def _trl_args(out: Path, a) -> dict:
+    """The training arguments both TRL trainers share here."""
+    return dict(output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
+                max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type=a.scheduler, max_length=MAX_LENGTH,
+                logging_steps=10, save_strategy="no", dataloader_num_workers=0, seed=a.seed, disable_tqdm=True,
+                bf16=False)
+
+
+def _trl_train(make_trainer, sft: Path, data: Path, a) -> dict:
+    """Build a TRL trainer (`make_trainer(tokenizer, callback)`), evaluate it at the start and
+    every --eval-every steps, train it; the curve and the train log."""
+    from transformers import AutoTokenizer
 
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(sft)
     prompts = [json.loads(x)["prompt"] for x in open(data / "prompts_eval.jsonl")]
     curve: list = []
-    args = DPOConfig(
-        output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
-        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type=a.scheduler, max_length=MAX_LENGTH,
-        beta=a.beta, loss_type=["sigmoid"], logging_steps=10, save_strategy="no", dataloader_num_workers=0,
-        seed=a.seed, disable_tqdm=True, bf16=False, gradient_checkpointing=False)
-    rows = [json.loads(x) for x in open(data / "pref_train.jsonl")]
-    trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(sft), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[_eval_callback(tok, prompts, a.eval_every, curve)])
+    trainer = make_trainer(tok, _eval_callback(tok, prompts, a.eval_every, curve))
     start = correctness(trainer.model, tok, prompts)
     t0 = time.perf_counter()
     trainer.train()
     return {"start": start, "curve": curve, "train_log": _train_log(trainer.state.log_history),
             "wall_s": time.perf_counter() - t0}
+
+
+def run_trl_offline(sft: Path, data: Path, out: Path, a) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**_trl_args(out, a), beta=a.beta, loss_type=["sigmoid"], gradient_checkpointing=False)
+    rows = [json.loads(x) for x in open(data / "pref_train.jsonl")]
+    return _trl_train(lambda tok, callback: DPOTrainer(
+        AutoModelForCausalLM.from_pretrained(sft), args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=tok, callbacks=[callback]), sft, data, a)
 
 
 def run_trl(sft: Path, data: Path, out: Path, a) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     from rayalign.demo import task
 
-    torch.manual_seed(a.seed)
-    tok = AutoTokenizer.from_pretrained(sft)
-    prompts = [json.loads(x)["prompt"] for x in open(data / "prompts_eval.jsonl")]
-    curve: list = []
-    args = OnlineDPOConfig(
-        output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
-        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type=a.scheduler, max_length=MAX_LENGTH,
-        max_new_tokens=MAX_NEW_TOKENS, temperature=a.temperature, beta=[a.beta], loss_type="sigmoid",
-        missing_eos_penalty=EOS_PENALTY, logging_steps=10, save_strategy="no", dataloader_num_workers=0,
-        seed=a.seed, disable_tqdm=True, bf16=False)
+    args = OnlineDPOConfig(**_trl_args(out, a), max_new_tokens=MAX_NEW_TOKENS, temperature=a.temperature,
+                           beta=[a.beta], loss_type="sigmoid", missing_eos_penalty=EOS_PENALTY)
     rows = [json.loads(x) for x in open(data / "prompts_train.jsonl")]
-    trainer = OnlineDPOTrainer(model=AutoModelForCausalLM.from_pretrained(sft), reward_funcs=[getattr(task, a.reward)],
-                               args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                               callbacks=[_eval_callback(tok, prompts, a.eval_every, curve)])
-    start = correctness(trainer.model, tok, prompts)
-    t0 = time.perf_counter()
-    trainer.train()
-    return {"start": start, "curve": curve, "train_log": _train_log(trainer.state.log_history),
-            "wall_s": time.perf_counter() - t0}
+    return _trl_train(lambda tok, callback: OnlineDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(sft), reward_funcs=[getattr(task, a.reward)], args=args,
+        train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[callback]), sft, data, a)
 
 
 def run_rayalign_offline(sft: Path, data: Path, out: Path, a) -> dict:

@@ -13,9 +13,10 @@ online DPO as TRL defines it does not learn (RESULTS.md).
 Online: both sides sample two completions for each of the same prompts
 (`prompts_train.jsonl`), rank them with the same reward (`rayalign.demo.task:demo_reward`,
 a missing eos costs 1), and run sigmoid DPO against a live reference with the same
-hyperparameters (beta 0.1, constant lr, max_length 64, max_new_tokens 16). Offline: both
-sides run sigmoid DPO on the same pairs (`pref_train.jsonl`) with the same batch, beta and
-constant lr, live reference, max_length 64. Every
+hyperparameters (beta 0.1, the same lr schedule: --scheduler, constant by default,
+max_length 64, max_new_tokens 16). Offline: both sides run sigmoid DPO on the same pairs
+(`pref_train.jsonl`) with the same batch, beta and lr schedule, live reference, max_length 64.
+Every
 --eval-every steps each side's policy answers the 200 held-out problems greedily
 (`prompts_eval.jsonl`, HF generate in this process) and the task's checker scores them:
 the held-out correctness curve, with its 95% interval. TRL evaluates inside a callback;
@@ -45,7 +46,7 @@ def build(workdir: Path, setup: str) -> tuple[Path, Path]:
     """(SFT model dir, data dir): the demo's model, data and SFT stage (400 steps)."""
     import rayalign
     from rayalign.demo.pipeline import sft_config
-    from rayalign.demo.task import build_demo_model, write_demo_data
+    from rayalign.demo.task import DEMO_N_PREF, build_demo_model, write_demo_data
 
     data = workdir / "data"
     sft = workdir / "sft"
@@ -53,7 +54,7 @@ def build(workdir: Path, setup: str) -> tuple[Path, Path]:
         return sft, data
     if setup == "demo":
         model = build_demo_model(workdir / "small-model", seed=0, size="small")
-        write_demo_data(data, seed=0, n_pref=8000)
+        write_demo_data(data, seed=0, n_pref=DEMO_N_PREF)
         rayalign.train_sft(sft_config(model, data, sft, seed=0))
     else:
         model = build_demo_model(workdir / "tiny-model", seed=0)

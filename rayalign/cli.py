@@ -160,13 +160,13 @@ def _run(command: str, rest: list[str]) -> int:
 
             print(build_demo_model(a.output, seed=a.seed, size=a.size))
         elif command == "demo-data":
+            from rayalign.demo.task import DEMO_N_PREF, write_demo_data
+
             parser.add_argument("--output", required=True)
             parser.add_argument("--seed", type=int, default=0)
-            parser.add_argument("--n_pref", type=int, default=8000,
-                                help="preference pairs in pref_train*.jsonl (the demo's 8000)")
+            parser.add_argument("--n_pref", type=int, default=DEMO_N_PREF,
+                                help=f"preference pairs in pref_train*.jsonl (the demo's {DEMO_N_PREF})")
             a = parser.parse_args(rest)
-            from rayalign.demo.task import write_demo_data
-
             print(write_demo_data(a.output, seed=a.seed, n_pref=a.n_pref))
         elif command == "demo":
             parser.add_argument("--output_dir", default="outputs/demo")

@@ -111,7 +111,7 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
              reward_steps: int | None = None, num_learners: int = 2, seed: int = 0, backend: str = "auto") -> dict:
     """Run the whole embedded pipeline; returns (and writes) the summary."""
     from rayalign.actors.group import ensure_ray
-    from rayalign.demo.task import build_demo_model, write_demo_data
+    from rayalign.demo.task import DEMO_N_PREF, build_demo_model, write_demo_data
     from rayalign.drivers.evaluate import run_eval
     from rayalign.drivers.offline import train
     from rayalign.drivers.online import train_online
@@ -121,8 +121,7 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     model_dir = out / "small-model"
     if not (model_dir / "config.json").exists():
         build_demo_model(model_dir, seed=seed, size="small")
-    # 8000 preference pairs (the default 2000 would be seen ~13 times by the reward stage).
-    data = write_demo_data(out / "data", seed=seed, n_pref=8000)
+    data = write_demo_data(out / "data", seed=seed, n_pref=DEMO_N_PREF)
     ensure_ray(None, max(os.cpu_count() or 1, num_learners + 2))
     timings = {}
 
@@ -139,8 +138,8 @@ def run_demo(output_dir: str = "outputs/demo", *, sft_steps: int | None = None, 
     print(f"\n== reward model eval accuracy: {reward['metrics']['eval_accuracy']:.3f}")
 
     steps = dpo_steps or 200
-    pairs_per_step = (32 // num_learners) * num_learners  # offline DPO's, for online DPO too
     dpo_cfg = dpo_config(out / "sft", data, out / "dpo", steps=steps, num_learners=num_learners, seed=seed)
+    pairs_per_step = dpo_cfg.per_device_train_batch_size * num_learners  # online DPO takes as many
     t0 = time.time()
     dpo = train(dpo_cfg)
     timings["dpo_s"] = time.time() - t0

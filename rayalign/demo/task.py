@@ -41,6 +41,9 @@ PROMPT_PREFIX = "Reverse:"
 # The sloppy demonstrations: this share of the answers to inputs of SLOPPY_MIN_LEN letters or
 # more leave off the last letter (above one half, so the SFT model's greedy answer does too).
 SLOPPY_MIN_LEN, SLOPPY_RATE = 7, 0.6
+# The demo's preference pairs (write_demo_data's default, 2000, keeps the tests' data small; the
+# demo's reward stage would see those ~13 times).
+DEMO_N_PREF = 8000
 # Model sizes (build_tiny_model's arguments): "tiny" is the tests' fast default, "small" the demo's.
 MODEL_SIZES = {"tiny": {}, "small": {"hidden_size": 128, "num_layers": 4, "num_heads": 4,
                                      "intermediate_size": 512}}

@@ -293,7 +293,7 @@ def test_online_dpo_raises_held_out_correctness_over_the_sft_model(sloppy_sft, t
     rayalign.train_online_dpo(online_dpo_config(sft_dir, data, out, steps=60, backend="hf"))
     scores = [r["objective/scores"] for r in train_rows(out)]
     assert len(scores) == 6  # logged every 10 steps
-    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2, scores
+    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.02, scores  # measured: 0.901 -> 0.949
 
     summary = run_eval(from_dict(EvalConfig, {
         "models": [{"name": "sft", "path": str(sft_dir)}, {"name": "online", "path": str(out)}],

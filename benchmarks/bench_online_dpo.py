@@ -67,7 +67,8 @@ LR = 1e-4
 MAX_LENGTH = 64
 TEMPERATURE = 0.9
 LOGGING_STEPS = 10
-TARGETS = {"rayalign_hf": 1.0, "rayalign_vllm": 2.0}
+TARGETS = {"tiny": {"rayalign_hf": 1.0, "rayalign_vllm": 2.0},  # vs the best TRL, per --setup
+           "scale": {"rayalign_hf": 1.0, "rayalign_vllm": 1.2}}
 
 
 # ----------------------------------------------------------------------------- machine
@@ -178,8 +179,7 @@ def run_trl(model_dir: str, prompts_file: str, out: str, a, threads: int) -> dic
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from rayalign.demo.task import demo_reward
-
+    base_reward = a.reward_fn
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -187,14 +187,14 @@ def run_trl(model_dir: str, prompts_file: str, out: str, a, threads: int) -> dic
     lengths: list[list[int]] = []
     records: list[dict] = []
 
-    def reward(prompts, completions, completion_ids, **kwargs):  # demo_reward + counting
+    def reward(prompts, completions, completion_ids, **kwargs):  # the run's reward + counting
         t = time.perf_counter()
         lengths.append([completion_len(ids, eos_ids, tok.pad_token_id) for ids in completion_ids])
-        values = demo_reward(prompts, completions, **kwargs)
+        values = base_reward(prompts, completions, **kwargs)
         records[-1]["timing/score_s"] = time.perf_counter() - t
         return values
 
-    reward.__name__ = "demo_reward"
+    reward.__name__ = base_reward.__name__
     step_times: list[tuple[float, float]] = []
 
     class StepTimer(TrainerCallback):
@@ -208,7 +208,7 @@ def run_trl(model_dir: str, prompts_file: str, out: str, a, threads: int) -> dic
     rows = [json.loads(x) for x in open(prompts_file)]
     args = OnlineDPOConfig(
         output_dir=out, use_cpu=True, report_to="none", per_device_train_batch_size=a.batch, max_steps=a.steps,
-        learning_rate=LR, lr_scheduler_type="linear", max_length=MAX_LENGTH, max_new_tokens=a.max_new_tokens,
+        learning_rate=LR, lr_scheduler_type="linear", max_length=a.max_length, max_new_tokens=a.max_new_tokens,
         temperature=TEMPERATURE, top_p=1.0, top_k=0, beta=[0.1], logging_steps=LOGGING_STEPS, save_strategy="no",
         dataloader_num_workers=0, seed=0, disable_tqdm=True, bf16=False)
     trainer = OnlineDPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[reward],
@@ -258,9 +258,9 @@ def run_rayalign(model_dir: str, prompts_file: str, out: str, a, backend: str) -
         "model_name_or_path": model_dir, "train_dataset": prompts_file, "output_dir": out, "gradient_checkpointing": False,
         
         "max_steps": a.steps, "per_device_train_batch_size": a.batch, "learning_rate": LR,
-        "lr_scheduler_type": "linear", "max_length": MAX_LENGTH, "max_new_tokens": a.max_new_tokens,
+        "lr_scheduler_type": "linear", "max_length": a.max_length, "max_new_tokens": a.max_new_tokens,
         "temperature": TEMPERATURE, "top_p": 1.0, "top_k": 0, "beta": [0.1], "seed": 0,
-        "logging_steps": LOGGING_STEPS, "reward_funcs": ["rayalign.demo.task:demo_reward"],
+        "logging_steps": LOGGING_STEPS, "reward_funcs": [a.reward_fn],
         "logging": {"progress_bar": False, "report_to": []},
         "learner": {"num_actors": 1, "num_cpus_per_actor": a.learner_cpus},
         "reference": {"mode": "actor", "num_actors": 1, "num_cpus_per_actor": a.reference_cpus},
@@ -364,7 +364,7 @@ def combine(rounds: list[dict]) -> dict:
     return out
 
 
-def markdown(summary: dict, baselines: dict[str, str]) -> str:
+def markdown(summary: dict, baselines: dict[str, str], targets: dict[str, float]) -> str:
     trl_names = [k for k in summary if k.startswith("trl")]
     lines = ["| setting | samples/s, steps 2..N (median; rounds) | " +
              " | ".join(f"ratio vs {k}" for k in trl_names) +
@@ -374,7 +374,7 @@ def markdown(summary: dict, baselines: dict[str, str]) -> str:
     best = summary[baselines["best"]]["samples_per_second"]
     for key, r in summary.items():
         ratios = " | ".join(f"{r['samples_per_second'] / summary[t]['samples_per_second']:.2f}×" for t in trl_names)
-        target = TARGETS.get(key)
+        target = targets.get(key)
         ratio_best = r["samples_per_second"] / best
         tgt = "–" if target is None else f"≥ {target:.1f}×: {ratio_best:.2f}× — {'met' if ratio_best >= target else 'NOT met'}"
         rounds = ", ".join(f"{x:.1f}" for x in r["samples_per_second_rounds"])
@@ -413,25 +413,61 @@ def markdown(summary: dict, baselines: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+# Per --setup: the defaults of the options left unset. "tiny": the demo's 2 x 64 Llama after a
+# short SFT, the demo prompts and demo_reward, max_length 64. "scale": bench_scale's 16.9M-parameter
+# Llama (8k vocabulary, untied; config-initialised, so every completion runs to max_new_tokens on
+# both sides) on its synthetic hh-rlhf prompts, scored by scale.length_reward, max_length 384.
+SETUP_DEFAULTS = {
+    "tiny": {"steps": 30, "batch": 8, "max_new_tokens": 16, "sft_steps": 150, "rounds": 2, "trl_threads": "1,2",
+             "learner_cpus": 1.0, "rollout_cpus": 1.0, "reference_cpus": 0.5, "ray_cpus": 4, "max_length": MAX_LENGTH},
+    "scale": {"steps": 12, "batch": 8, "max_new_tokens": 64, "sft_steps": 0, "rounds": 1, "trl_threads": "2",
+              "learner_cpus": 2.0, "rollout_cpus": 2.0, "reference_cpus": 1.0, "ray_cpus": 6, "max_length": 384},
+}
+
+
 def main() -> None:
     def add_args(p):
-        p.add_argument("--max-new-tokens", type=int, default=16)
-        p.add_argument("--sft-steps", type=int, default=150, help="0: use the untrained tiny model")
-        p.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every measurement")
-        p.add_argument("--trl-threads", default="1,2",
+        p.add_argument("--setup", choices=sorted(SETUP_DEFAULTS), default="tiny",
+                       help="the model, prompts and reward, and the defaults of the options below")
+        p.add_argument("--max-new-tokens", type=int)
+        p.add_argument("--max-length", type=int)
+        p.add_argument("--sft-steps", type=int, help="0: use the untrained model")
+        p.add_argument("--rounds", type=int, help="interleaved repeats of every measurement")
+        p.add_argument("--trl-threads",
                        help="torch threads for TRL's process, one TRL measurement each (2: this machine's default)")
-        p.add_argument("--learner-cpus", type=float, default=1.0)
-        p.add_argument("--rollout-cpus", type=float, default=1.0)
-        p.add_argument("--reference-cpus", type=float, default=0.5)
+        p.add_argument("--learner-cpus", type=float)
+        p.add_argument("--rollout-cpus", type=float)
+        p.add_argument("--reference-cpus", type=float)
+        p.add_argument("--ray-cpus", type=int, help="logical CPUs of the local Ray (actors + Ray Data tasks)")
         p.add_argument("--ray-worker-niceness", type=int, default=0,
                        help="Ray starts its workers at nice 15 by default while TRL runs in this nice-0 process; "
                             "0 puts both sides at the same priority against whatever else runs on the machine")
         p.add_argument("--only", default="trl,hf,vllm", help="comma list of trl, hf, vllm")
-        p.add_argument("--json", default=str(Path(__file__).with_name("bench_online_dpo.json")))
+        p.add_argument("--json")
 
-    a, tmp, tiny_dir, pref = setup("bench-online-dpo-", steps=30, batch=8, add_args=add_args)
-    data_dir = str(Path(pref).parent)
-    prompts_file = f"{data_dir}/prompts_train.jsonl"
+    a, tmp, tiny_dir, pref = setup("bench-online-dpo-", steps=None, batch=None, add_args=add_args)
+    for key, value in SETUP_DEFAULTS[a.setup].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    suffix = "" if a.setup == "tiny" else f"_{a.setup}"
+    a.json = a.json or str(Path(__file__).with_name(f"bench_online_dpo{suffix}.json"))
+    if a.setup == "tiny":
+        from rayalign.demo.task import demo_reward
+
+        data_dir = str(Path(pref).parent)
+        prompts_file = f"{data_dir}/prompts_train.jsonl"
+        a.reward_fn, base_dir = demo_reward, tiny_dir
+        model_desc = "tiny Llama (2 layers, hidden 64) from common.setup"
+        prompts_desc = "demo prompts_train.jsonl (1000 prompts)"
+    else:
+        import scale
+
+        base_dir = str(scale.build_model(f"{tmp}/scale-model"))
+        _, prompts = scale.write_data(f"{tmp}/scale-data", n_prompts=max(256, a.steps * a.batch))
+        data_dir, prompts_file, a.reward_fn = f"{tmp}/scale-data", str(prompts), scale.length_reward
+        model_desc = (f"config-initialised Llama, {scale.num_params(base_dir) / 1e6:.1f}M parameters "
+                      f"(benchmarks/scale.py: hidden {scale.HIDDEN}, {scale.LAYERS} layers, vocab {scale.VOCAB})")
+        prompts_desc = "scale.write_data prompts (synthetic hh-rlhf '\\n\\nHuman: ...\\n\\nAssistant:')"
     from rayalign.actors.group import ensure_ray
 
     machine = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "mem_gib": mem_gib(),
@@ -439,9 +475,9 @@ def main() -> None:
                "loadavg_at_start": loadavg(), "cpu_busy_before_start": cpu_busy(),
                "top_before": top_processes()}
     os.environ["RAY_worker_niceness"] = str(a.ray_worker_niceness)  # read by the raylet ray.init starts
-    ensure_ray(None, 4)  # logical CPUs: 1 learner + 1 rollout + 0.5 reference, and room for Ray Data tasks
+    ensure_ray(None, a.ray_cpus)  # logical CPUs: learner + rollout + reference, and room for Ray Data tasks
     t = time.perf_counter()
-    model_dir = build_sft(tiny_dir, data_dir, f"{tmp}/sft", a.sft_steps) if a.sft_steps > 0 else tiny_dir
+    model_dir = build_sft(base_dir, data_dir, f"{tmp}/sft", a.sft_steps) if a.sft_steps > 0 else base_dir
     sft_s = time.perf_counter() - t
     torch.set_num_threads(2)
     machine["matmul_gflops_1024_fp32_2threads"] = round(matmul_gflops(), 1)
@@ -482,10 +518,10 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {"steps": a.steps, "prompts_per_step": a.batch, "completions_per_step": 2 * a.batch,
                      "max_new_tokens": a.max_new_tokens, "temperature": TEMPERATURE, "learning_rate": LR,
-                     "max_length": MAX_LENGTH, "beta": 0.1, "reward": "rayalign.demo.task:demo_reward",
-                     "model": "tiny Llama (2 layers, hidden 64) from common.setup" +
-                              (f" + {a.sft_steps} rayalign SFT steps ({sft_s:.0f} s)" if a.sft_steps else ""),
-                     "prompts": "demo prompts_train.jsonl (1000 prompts)", "rounds": a.rounds,
+                     "max_length": a.max_length, "beta": 0.1,
+                     "reward": f"{a.reward_fn.__module__}:{a.reward_fn.__name__}", "setup": a.setup,
+                     "model": model_desc + (f" + {a.sft_steps} rayalign SFT steps ({sft_s:.0f} s)" if a.sft_steps else ""),
+                     "prompts": prompts_desc, "rounds": a.rounds,
                      "trl_threads": a.trl_threads, "trl_process_niceness": os.getpriority(os.PRIO_PROCESS, 0),
                      "ray_worker_niceness": a.ray_worker_niceness,
                      "rayalign_cpus": {"learner": a.learner_cpus, "rollout": a.rollout_cpus,
@@ -496,7 +532,7 @@ def main() -> None:
                                for k, r in summary.items() if baselines and not k.startswith("trl")},
         "rounds": rounds,
     }
-    table = markdown(summary, baselines) if baselines else json.dumps(summary, indent=2)
+    table = markdown(summary, baselines, TARGETS[a.setup]) if baselines else json.dumps(summary, indent=2)
     print(table)
     res["table_markdown"] = table
     Path(a.json).write_text(json.dumps(res, indent=2, default=float))

@@ -72,6 +72,16 @@ def write_data(out_dir, n_pairs: int = 200, n_prompts: int = 256, seed: int = 0)
     return pref, prompts
 
 
+TARGET_WORDS = 30
+
+
+def length_reward(prompts, completions, **kwargs) -> list[float]:
+    """The online-DPO benchmark's reward (TRL's reward-function signature): how close a
+    completion's word count is to TARGET_WORDS. Cheap and deterministic, so the benchmark
+    times sampling and training, not scoring."""
+    return [-abs(len(c.split()) - TARGET_WORDS) / TARGET_WORDS for c in completions]
+
+
 def build_model(out_dir, seed: int = 0, vocab: int = VOCAB) -> Path:
     from rayalign.models.tiny import build_tiny_model
 

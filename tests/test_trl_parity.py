@@ -41,8 +41,11 @@ def trl_loss(setup, **dpo_kwargs):
     from trl import DPOConfig, DPOTrainer
 
     tok, rows, policy, reference, tmp = setup
+    # bf16=False: TRL's default (True, also on CPU) runs its reference under bf16 autocast, whose
+    # rounding (steps of 2^-7 in the logits) depends on how a kernel blocks its sums, not on the
+    # math compared here; both sides score in fp32.
     args = DPOConfig(output_dir=str(tmp), use_cpu=True, report_to="none", per_device_train_batch_size=len(rows),
-                     max_length=dpo_kwargs.pop("max_length", 64), **dpo_kwargs)
+                     max_length=dpo_kwargs.pop("max_length", 64), bf16=False, **dpo_kwargs)
     trainer = DPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer.model.eval()  # no dropout (the tiny model has none anyway)
@@ -56,8 +59,8 @@ def trl_loss(setup, **dpo_kwargs):
 
 
 def ours(setup, trainer, **kw):
-    # The same model objects TRL used: TRL's prepared reference computes ~1e-4 different
-    # log-probs than a freshly loaded copy of the same weights (seen on CPU/sdpa).
+    # The same model objects TRL used (with TRL's default bf16 its prepared reference runs under
+    # autocast and computes ~1e-4 different log-probs than a freshly loaded copy).
     tok, rows, _, _, _ = setup
     policy, reference = trainer.model, trainer.ref_model
     settings = TokenizeSettings(max_length=kw.pop("max_length", 64), truncation_mode="keep_start")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from rayalign.batch import PreferenceBatch, SequenceBatch
+from rayalign.models.attention import SEGMENTS, row_segments, segment_forward, use_packed_attention
 
 CHUNK_ROWS = 1024  # completion positions whose log-softmax is evaluated at once
 
@@ -103,14 +104,20 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits (rows x vocabulary) held at once by the chunked head: 64 MiB fp32
 
 
+def _base_module(model):
+    """The transformers model inside a DeepSpeed engine and/or a PEFT wrapper."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    if hasattr(module, "get_base_model"):  # PEFT: LoRA layers are injected in place
+        module = module.get_base_model()
+    return module
+
+
 def _decoder_and_head(model):
     """(decoder, lm_head) when the completion-only head applies, else None: a plain-head
     architecture, an unwrapped nn.Linear head (not a LoRA layer), parameters not partitioned
     by ZeRO-3 (a ZeRO-3 forward gathers them in the model's own hooks), and a forward that is
     the class's own."""
-    module = getattr(model, "module", model)  # a DeepSpeed engine's model
-    if hasattr(module, "get_base_model"):  # PEFT: LoRA layers are injected in place
-        module = module.get_base_model()
+    module = _base_module(model)
     config = getattr(module, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
@@ -202,12 +209,14 @@ class _CompletionHead(torch.autograd.Function):
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       completion_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                      with_log_sum_sq: bool = False, token_stats: bool = True) -> LogProbs:
+                      with_log_sum_sq: bool = False, token_stats: bool = True,
+                      attention_kwargs: dict | None = None) -> LogProbs:
     """Forward `model` once and score the completion tokens of each row. Where the model's
     logits are lm_head(decoder(x)) (`_decoder_and_head`) the head runs on the completion
     positions only, in row chunks, so no (rows x positions x vocabulary) block exists.
-    `token_stats`: also each position's entropy and argmax hit (a reference needs neither)."""
-    kwargs = {"input_ids": input_ids, "use_cache": False}
+    `token_stats`: also each position's entropy and argmax hit (a reference needs neither).
+    `attention_kwargs`: passed to the forward (packed rows' spans, `_segments`)."""
+    kwargs = {"input_ids": input_ids, "use_cache": False, **(attention_kwargs or {})}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
@@ -249,14 +258,15 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                     mean_logits=mean_logits, entropy=entropy, is_top1=is_top1, log_sum_sq_probs=lssp)
 
 
-def _pack(input_ids, attention_mask, completion_mask):
+def _pack(input_ids, attention_mask, completion_mask, one_row: bool = False):
     """The rows' real tokens packed into as few rows as hold them, none longer than the longest
     sequence (first-fit, longest first), position ids restarting per sequence. Attention then
     costs at most what the padded block's does (sdpa attends over a whole row, so one row of
-    everything would cost the square of the total). Returns (ids, completion mask, position
-    ids, placement: (row, start, length) per input row)."""
+    everything would cost the square of the total). `one_row`: every sequence in a single row,
+    no padding at all (for attention that runs per sequence, `rayalign.models.attention`).
+    Returns (ids, completion mask, position ids, placement: (row, start, length) per input row)."""
     lengths = attention_mask.sum(dim=1).tolist()
-    width = max(lengths)
+    width = sum(lengths) if one_row else max(lengths)
     free: list[int] = []  # room left in each packed row
     placement: list[tuple[int, int, int]] = [(0, 0, 0)] * len(lengths)
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -281,6 +291,17 @@ def _pack(input_ids, attention_mask, completion_mask):
         if room:
             pos[row, width - room:] = torch.arange(room, device=input_ids.device)
     return ids, comp, pos, placement
+
+
+def _segmented(model) -> bool:
+    """Whether `model`'s attention runs per packed sequence (`rayalign.models.attention`): then a
+    batch packs into one row and no block-diagonal mask is built."""
+    return use_packed_attention(_base_module(model), PLAIN_HEAD_MODEL_TYPES)
+
+
+def _segments(placement, ids: torch.Tensor, segmented: bool) -> dict:
+    """The forward kwargs of a packed batch: its rows' spans where attention runs per sequence."""
+    return {SEGMENTS: row_segments(placement, *ids.shape)} if segmented else {}
 
 
 def _unpack(packed: torch.Tensor, placement: list[tuple[int, int, int]], width: int) -> torch.Tensor:
@@ -361,9 +382,11 @@ def _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log
 
 def _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool, *,
                      token_stats: bool = True) -> LogProbs:
-    ids, comp, pos, placement = _pack(input_ids, attention_mask, completion_mask)
-    out = sequence_logprobs(model, ids, None, comp, position_ids=pos, with_log_sum_sq=with_log_sum_sq,
-                            token_stats=token_stats)
+    segmented = _segmented(model)
+    ids, comp, pos, placement = _pack(input_ids, attention_mask, completion_mask, one_row=segmented)
+    with segment_forward(segmented):
+        out = sequence_logprobs(model, ids, None, comp, position_ids=pos, with_log_sum_sq=with_log_sum_sq,
+                                token_stats=token_stats, attention_kwargs=_segments(placement, ids, segmented))
     width = input_ids.shape[1]
     per_token = _unpack(out.per_token_logps, placement, width)
     mean_logits = _unpack(out.mean_logits, placement, width)
@@ -470,10 +493,13 @@ def _packed_scores(model, input_ids, attention_mask) -> torch.Tensor | None:
     last = (torch.arange(input_ids.shape[1], device=input_ids.device) * (input_ids != pad)).argmax(-1)
     if bool((last >= attention_mask.sum(dim=1)).any()):
         return None  # padded with another id than the model's pad id: its forward reads padding
-    ids, _, pos, placement = _pack(input_ids, attention_mask, attention_mask)
+    segmented = _segmented(model)
+    ids, _, pos, placement = _pack(input_ids, attention_mask, attention_mask, one_row=segmented)
     rows = torch.tensor([row for row, _, _ in placement], device=input_ids.device)
     cols = torch.tensor([start for _, start, _ in placement], device=input_ids.device) + last
-    hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    with segment_forward(segmented):
+        hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False,
+                         **_segments(placement, ids, segmented)).last_hidden_state
     return score(hidden[rows, cols])
 
 

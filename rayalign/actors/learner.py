@@ -20,6 +20,7 @@ import ray
 import torch
 
 from rayalign import faults, objectives
+from rayalign.actors.compute import on_compute_thread
 from rayalign.actors.group import DistributedWorker
 from rayalign.config import TrainConfig, is_adapter_dir
 from rayalign.models import adapters
@@ -73,8 +74,8 @@ class PolicyLearner(DistributedWorker):
         self.objective = objectives.for_config(cfg)
         self.rank = rank
         self.world_size = world_size
-        threads = cfg.learner.torch_threads or max(1, int(cfg.learner.num_cpus_per_actor))
-        torch.set_num_threads(threads)
+        self.torch_threads = cfg.learner.torch_threads or max(1, int(cfg.learner.num_cpus_per_actor))
+        torch.set_num_threads(self.torch_threads)
         self.engine = None
         self.tokenizer = None
         self.reference = None  # a Reference actor handle in reference.mode=actor
@@ -188,6 +189,7 @@ class PolicyLearner(DistributedWorker):
 
     # ------------------------------------------------------------------ steps
 
+    @on_compute_thread
     def train_step(self, rows: list[dict] | None = None, beta: float | None = None) -> dict[str, float]:
         """One optimizer step over gradient_accumulation_steps micro-batches of
         per_device_train_batch_size rows: the next ones of the Ray Data shard, or `rows`
@@ -351,6 +353,7 @@ class PolicyLearner(DistributedWorker):
         module = self.engine.module
         return module.get_base_model().config if self.cfg.lora.enabled else module.config
 
+    @on_compute_thread
     @torch.no_grad()
     def sum_eval_metrics(self, batches: list, weights: list[float]) -> dict:
         """Weighted metric sums over eval batches (weight 0 pads ranks to equal counts, so

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rayalign import objectives, storage
+from rayalign.actors.compute import on_compute_thread
 from rayalign.batch import PreferenceBatch
 from rayalign.config import DPOConfig, is_adapter_dir
 from rayalign.models.adapters import load_merged_adapter
@@ -44,12 +45,14 @@ class Reference:
     def __init__(self, cfg: DPOConfig, *, rank: int, world_size: int):
         self.cfg = cfg
         self.rank = rank
-        torch.set_num_threads(max(1, int(cfg.reference.num_cpus_per_actor)))
+        self.torch_threads = max(1, int(cfg.reference.num_cpus_per_actor))
+        torch.set_num_threads(self.torch_threads)
         self.model = load_reference_model(cfg)
 
     def ready(self) -> bool:
         return True
 
+    @on_compute_thread
     @torch.no_grad()
     def logprobs(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         chosen, rejected = [], []
@@ -81,7 +84,8 @@ class ReferenceLogpsStage:
     """Ray Data `map_batches` UDF: tokenized rows in, rows plus reference log-probs out."""
 
     def __init__(self, cfg: DPOConfig, cache_dir: str | None = None, threads: int | None = None):
-        torch.set_num_threads(threads or max(1, int(cfg.reference.num_cpus_per_actor)))
+        self.torch_threads = threads or max(1, int(cfg.reference.num_cpus_per_actor))
+        torch.set_num_threads(self.torch_threads)
         self.cfg = cfg
         self.model = load_reference_model(cfg)
         self.pad_id = load_tokenizer(cfg.tokenizer_path).pad_token_id
@@ -89,6 +93,7 @@ class ReferenceLogpsStage:
         if cache_dir:
             storage.makedirs(storage.join(cache_dir, "parts"))
 
+    @on_compute_thread
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = PreferenceBatch.from_rows(rows, self.pad_id, max_length=self.cfg.max_length,

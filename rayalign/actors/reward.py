@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rayalign.actors.compute import on_compute_thread
 from rayalign.batch import pad_sequences
 from rayalign.data import DataError, TokenizeSettings, normalize_sft_row, tokenize_sft_row
 from rayalign.models.loading import load_reward_model, load_tokenizer
@@ -33,7 +34,8 @@ class RewardModel:
     """Scores (prompt, completion) pairs with one reward model."""
 
     def __init__(self, cfg: RewardModelConfig, *, rank: int = 0, world_size: int = 1):
-        torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        self.torch_threads = max(1, int(cfg.num_cpus))
+        torch.set_num_threads(self.torch_threads)
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
                                         field="reward.model_name_or_path")
@@ -50,6 +52,7 @@ class RewardModel:
         tokens = tokenize_sft_row(row, self.tokenizer, self.settings, "score", index)
         return tokens["prompt_ids"] + tokens["completion_ids"]
 
+    @on_compute_thread
     @torch.no_grad()
     def score(self, prompts: list, completions: list) -> list[float]:
         if len(prompts) != len(completions):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from rayalign.actors.compute import on_compute_thread
 from rayalign.engines.base import RolloutEngine, cut_at_eos
 from rayalign.models import weights as weights_lib
 from rayalign.models.generate import left_padded
@@ -23,7 +24,8 @@ class HFEngine(RolloutEngine):
 
     def __init__(self, path: str, rcfg, tokenizer, *, max_model_len: int | None, trust_remote_code: bool,
                  bf16: bool):
-        torch.set_num_threads(max(1, int(rcfg.num_cpus_per_actor)))
+        self.torch_threads = max(1, int(rcfg.num_cpus_per_actor))
+        torch.set_num_threads(self.torch_threads)
         self.rcfg = rcfg
         self.tokenizer = tokenizer
         self.model = load_causal_lm(path, bf16=bf16, trust_remote_code=trust_remote_code)
@@ -33,6 +35,7 @@ class HFEngine(RolloutEngine):
             self.model.to("cuda")
         self._group: TorchGroup | None = None
 
+    @on_compute_thread
     @torch.no_grad()
     def generate(self, ids: list[list[int]], sampling: dict, seed: int | None, eos_ids: set[int]) -> list:
         n = int(sampling.get("n", 1))

@@ -267,11 +267,13 @@ class PolicyLearner(DistributedWorker):
         Every rank must call it (ZeRO-3 gathers)."""
         from rayalign.models import weights as weights_lib
 
-        state, probe_logps = self._weights_for_push(probe, copy_to="cpu")
+        # On CPU the live tensors go straight into the object store (ray.put copies them there)
+        on_cpu = torch.device(self.engine.device).type == "cpu"
+        state, probe_logps = self._weights_for_push(probe, copy_to=None if on_cpu else "cpu")
         if self.rank != 0:
             return None
         return WeightExport(fingerprint=weights_lib.fingerprint(state.values()), probe=probe_logps,
-                            num_tensors=len(state), state=ray.put(state))
+                            num_tensors=len(state), state=ray.put(weights_lib.to_object_store(state)))
 
     def _weights_for_push(self, probe: list[int] | None, copy_to: str | None):
         """(state on rank 0 else None, probe log-probs): what export_weights /

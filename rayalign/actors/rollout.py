@@ -97,10 +97,13 @@ class Rollout:
 
     def update_weights(self, state: dict[str, torch.Tensor], version: int,
                        probe: list[int] | None = None) -> LoadResult:
-        """Load `state` (full weights, HF names) and adopt `version`; with `probe`, the
-        engine's log-probs of it under the new weights come back in the same call."""
+        """Load `state` (full weights, HF names; tensors or `to_object_store`'s numpy views)
+        and adopt `version`; with `probe`, the engine's log-probs of it under the new weights
+        come back in the same call."""
+        from rayalign.models.weights import from_object_store
+
         t0 = time.time()
-        self._fingerprint = self.engine.load(state)
+        self._fingerprint = self.engine.load(from_object_store(state))
         self.version = int(version)
         return self._loaded(t0, probe)
 

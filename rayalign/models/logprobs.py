@@ -293,9 +293,17 @@ def _pack(input_ids, attention_mask, completion_mask, one_row: bool = False):
     return ids, comp, pos, placement
 
 
-def _segmented(model) -> bool:
-    """Whether `model`'s attention runs per packed sequence (`rayalign.models.attention`): then a
-    batch packs into one row and no block-diagonal mask is built."""
+# Batches whose longest sequence is shorter stay on the masked rows: there the per-sequence sdpa
+# calls cost more than the masked blocks they save (the tiny demo model at max_length 64).
+SEGMENT_MIN_TOKENS = 128
+
+
+def _segmented(model, attention_mask, force: bool = False) -> bool:
+    """Whether this batch's attention runs per packed sequence (`rayalign.models.attention`): then
+    it packs into one row and no block-diagonal mask is built. `force`: whatever its lengths (the
+    packing probe's short sequences, so that the path long batches take is the one checked)."""
+    if not force and int(attention_mask.sum(dim=1).max()) < SEGMENT_MIN_TOKENS:
+        return False
     return use_packed_attention(_base_module(model), PLAIN_HEAD_MODEL_TYPES)
 
 
@@ -355,9 +363,14 @@ def packing_supported(model) -> bool:
     padded ones: true for architectures whose attention mask honours packed position ids
     (transformers' `create_causal_mask`: Llama, Qwen2/3, Mistral, Gemma, ...), false where
     attention leaks across the packed sequences."""
-    return _probe_packing(model, _PACKING_ATTR,
-                          lambda m, ids, attn: _padded_logprobs(m, ids, attn, attn, False).per_token_logps,
-                          lambda m, ids, attn: _packed_logprobs(m, ids, attn, attn, False).per_token_logps)
+    def padded(m, ids, attn):
+        return _padded_logprobs(m, ids, attn, attn, False).per_token_logps.repeat(2, 1)
+
+    def packed(m, ids, attn):  # both packed paths: masked rows (short batches), one row per sequence spans
+        return torch.cat([_packed_logprobs(m, ids, attn, attn, False, segments=force).per_token_logps
+                          for force in (False, True)])
+
+    return _probe_packing(model, _PACKING_ATTR, padded, packed)
 
 
 def batch_logprobs(model, input_ids, attention_mask, completion_mask, *, padding_free: bool | None = None,
@@ -381,8 +394,8 @@ def _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log
 
 
 def _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool, *,
-                     token_stats: bool = True) -> LogProbs:
-    segmented = _segmented(model)
+                     token_stats: bool = True, segments: bool = False) -> LogProbs:
+    segmented = _segmented(model, attention_mask, force=segments)
     ids, comp, pos, placement = _pack(input_ids, attention_mask, completion_mask, one_row=segmented)
     with segment_forward(segmented):
         out = sequence_logprobs(model, ids, None, comp, position_ids=pos, with_log_sum_sq=with_log_sum_sq,
@@ -487,13 +500,13 @@ def _padded_scores(model, input_ids, attention_mask) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def _packed_scores(model, input_ids, attention_mask) -> torch.Tensor | None:
+def _packed_scores(model, input_ids, attention_mask, segments: bool = False) -> torch.Tensor | None:
     decoder, score, pad = _pooled_decoder_and_score(model)
     # The position transformers pools: each row's last token that is not the pad id.
     last = (torch.arange(input_ids.shape[1], device=input_ids.device) * (input_ids != pad)).argmax(-1)
     if bool((last >= attention_mask.sum(dim=1)).any()):
         return None  # padded with another id than the model's pad id: its forward reads padding
-    segmented = _segmented(model)
+    segmented = _segmented(model, attention_mask, force=segments)
     ids, _, pos, placement = _pack(input_ids, attention_mask, attention_mask, one_row=segmented)
     rows = torch.tensor([row for row, _, _ in placement], device=input_ids.device)
     cols = torch.tensor([start for _, start, _ in placement], device=input_ids.device) + last
@@ -508,7 +521,14 @@ def score_packing_supported(model) -> bool:
     parts = _pooled_decoder_and_score(model)
     if parts is None:
         return False
-    return _probe_packing(model, _SCORE_PACKING_ATTR, _padded_scores, _packed_scores, avoid=parts[2])
+    def padded(m, ids, attn):
+        return _padded_scores(m, ids, attn).repeat(2, 1)
+
+    def packed(m, ids, attn):  # both packed paths, as packing_supported
+        scores = [_packed_scores(m, ids, attn, segments=force) for force in (False, True)]
+        return None if any(x is None for x in scores) else torch.cat(scores)
+
+    return _probe_packing(model, _SCORE_PACKING_ATTR, padded, packed, avoid=parts[2])
 
 
 def sequence_scores(model, input_ids, attention_mask, *, padding_free: bool | None = None) -> torch.Tensor:

@@ -18,6 +18,12 @@ ROWS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def segment_short_batches(monkeypatch):
+    """These rows are short (at most 13 tokens): let them take the per-sequence path."""
+    monkeypatch.setattr(lp, "SEGMENT_MIN_TOKENS", 1)
+
+
 def _logps_and_grads(m, batch, padding_free):
     m.zero_grad()
     out = lp.preference_logprobs(m, batch, padding_free=padding_free)
@@ -58,7 +64,7 @@ def test_a_packed_batch_is_one_row_attended_per_sequence_with_the_padded_numbers
     m = load()
     assert m.config._attn_implementation == "sdpa"
     packed = _logps_and_grads(m, batch, padding_free=True)
-    assert m.config._attn_implementation == attention.NAME and lp._segmented(m)
+    assert m.config._attn_implementation == attention.NAME and lp._segmented(m, batch.attention_mask)
     _assert_same(packed, padded)
     ids, _, _, placement = lp._pack(batch.input_ids, batch.attention_mask, batch.completion_mask, one_row=True)
     assert ids.shape == (1, int(batch.attention_mask.sum()))  # every real token, no padding
@@ -111,8 +117,20 @@ def test_sliding_window_models_keep_masked_packing(tiny_model_dir):
 
 def test_the_switch_is_not_saved_with_the_model(tiny_model_dir, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert lp._segmented(m)
+    assert attention.use_packed_attention(m, lp.PLAIN_HEAD_MODEL_TYPES)
     m.save_pretrained(tmp_path)
     assert attention.NAME not in (tmp_path / "config.json").read_text()
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+def test_short_batches_keep_the_masked_rows_and_the_probe_checks_both_paths(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(lp, "SEGMENT_MIN_TOKENS", 14)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = PreferenceBatch.from_rows(ROWS, pad_token_id=2)  # longest sequence: 13 tokens
+    assert lp.packing_supported(m)  # the probe ran the per-sequence path too: the model is switched
+    assert m.config._attn_implementation == attention.NAME
+    assert not lp._segmented(m, batch.attention_mask) and lp._segmented(m, batch.attention_mask, force=True)
+    longer = PreferenceBatch.from_rows(ROWS + [{"prompt_ids": [3] * 10, "chosen_ids": [8] * 4, "rejected_ids": [9]}],
+                                       pad_token_id=2)
+    assert lp._segmented(m, longer.attention_mask)  # 14 tokens

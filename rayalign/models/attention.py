@@ -103,12 +103,16 @@ def use_packed_attention(module, model_types: frozenset[str]) -> bool:
         return known
     config = getattr(module, "config", None)
     ok = (config is not None and getattr(config, "model_type", None) in model_types
-          and getattr(config, "_attn_implementation", None) == "sdpa" and _full_attention_only(config)
-          and hasattr(module, "set_attn_implementation") and type(module)._can_set_attn_implementation())
+          and getattr(config, "_attn_implementation", None) == "sdpa" and _full_attention_only(config))
     if ok:
-        _register()
-        module.set_attn_implementation(NAME)
-        ok = config._attn_implementation == NAME
+        try:  # transformers versions without the interfaces (or a class that cannot switch) keep sdpa
+            ok = bool(type(module)._can_set_attn_implementation())
+            if ok:
+                _register()
+                module.set_attn_implementation(NAME)
+                ok = config._attn_implementation == NAME
+        except (ImportError, AttributeError, KeyError, ValueError):
+            ok = False
     setattr(module, _ATTR, ok)
     return ok
 

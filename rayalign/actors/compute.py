@@ -10,8 +10,7 @@ the 2 cores and stepped in 0.84 s, against 199% and 0.68 s for the same step run
 thread of a plain process.
 
 `on_compute_thread` runs the decorated actor methods on a single thread per process, with
-the actor's `torch_threads` (an attribute the actor sets before its first call) applied
-there.
+the thread count the actor chose (`use_threads`, in its constructor) applied there.
 """
 
 from __future__ import annotations
@@ -33,6 +32,15 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayalign-compute")
         return _pool
+
+
+def use_threads(owner, threads: int) -> None:
+    """Set torch's thread count for `owner` (an actor or engine): now, on the calling thread,
+    and on the compute thread before each of `owner`'s `on_compute_thread` methods."""
+    import torch
+
+    owner.torch_threads = threads
+    torch.set_num_threads(threads)
 
 
 def _run(self, fn, args, kwargs):

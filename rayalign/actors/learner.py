@@ -20,7 +20,7 @@ import ray
 import torch
 
 from rayalign import faults, objectives
-from rayalign.actors.compute import on_compute_thread
+from rayalign.actors.compute import on_compute_thread, use_threads
 from rayalign.actors.group import DistributedWorker
 from rayalign.config import TrainConfig, is_adapter_dir
 from rayalign.models import adapters
@@ -74,8 +74,7 @@ class PolicyLearner(DistributedWorker):
         self.objective = objectives.for_config(cfg)
         self.rank = rank
         self.world_size = world_size
-        self.torch_threads = cfg.learner.torch_threads or max(1, int(cfg.learner.num_cpus_per_actor))
-        torch.set_num_threads(self.torch_threads)
+        use_threads(self, cfg.learner.torch_threads or max(1, int(cfg.learner.num_cpus_per_actor)))
         self.engine = None
         self.tokenizer = None
         self.reference = None  # a Reference actor handle in reference.mode=actor

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rayalign import objectives, storage
-from rayalign.actors.compute import on_compute_thread
+from rayalign.actors.compute import on_compute_thread, use_threads
 from rayalign.batch import PreferenceBatch
 from rayalign.config import DPOConfig, is_adapter_dir
 from rayalign.models.adapters import load_merged_adapter
@@ -45,8 +45,7 @@ class Reference:
     def __init__(self, cfg: DPOConfig, *, rank: int, world_size: int):
         self.cfg = cfg
         self.rank = rank
-        self.torch_threads = max(1, int(cfg.reference.num_cpus_per_actor))
-        torch.set_num_threads(self.torch_threads)
+        use_threads(self, max(1, int(cfg.reference.num_cpus_per_actor)))
         self.model = load_reference_model(cfg)
 
     def ready(self) -> bool:
@@ -84,8 +83,7 @@ class ReferenceLogpsStage:
     """Ray Data `map_batches` UDF: tokenized rows in, rows plus reference log-probs out."""
 
     def __init__(self, cfg: DPOConfig, cache_dir: str | None = None, threads: int | None = None):
-        self.torch_threads = threads or max(1, int(cfg.reference.num_cpus_per_actor))
-        torch.set_num_threads(self.torch_threads)
+        use_threads(self, threads or max(1, int(cfg.reference.num_cpus_per_actor)))
         self.cfg = cfg
         self.model = load_reference_model(cfg)
         self.pad_id = load_tokenizer(cfg.tokenizer_path).pad_token_id

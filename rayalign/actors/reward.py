@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayalign.actors.compute import on_compute_thread
+from rayalign.actors.compute import on_compute_thread, use_threads
 from rayalign.batch import pad_sequences
 from rayalign.data import DataError, TokenizeSettings, normalize_sft_row, tokenize_sft_row
 from rayalign.models.loading import load_reward_model, load_tokenizer
@@ -34,8 +34,7 @@ class RewardModel:
     """Scores (prompt, completion) pairs with one reward model."""
 
     def __init__(self, cfg: RewardModelConfig, *, rank: int = 0, world_size: int = 1):
-        self.torch_threads = max(1, int(cfg.num_cpus))
-        torch.set_num_threads(self.torch_threads)
+        use_threads(self, max(1, int(cfg.num_cpus)))
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
                                         field="reward.model_name_or_path")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from rayalign.actors.compute import on_compute_thread
+from rayalign.actors.compute import on_compute_thread, use_threads
 from rayalign.engines.base import RolloutEngine, cut_at_eos
 from rayalign.models import weights as weights_lib
 from rayalign.models.generate import left_padded
@@ -24,8 +24,7 @@ class HFEngine(RolloutEngine):
 
     def __init__(self, path: str, rcfg, tokenizer, *, max_model_len: int | None, trust_remote_code: bool,
                  bf16: bool):
-        self.torch_threads = max(1, int(rcfg.num_cpus_per_actor))
-        torch.set_num_threads(self.torch_threads)
+        use_threads(self, max(1, int(rcfg.num_cpus_per_actor)))
         self.rcfg = rcfg
         self.tokenizer = tokenizer
         self.model = load_causal_lm(path, bf16=bf16, trust_remote_code=trust_remote_code)

@@ -12,6 +12,7 @@ honour it (`packing_supported`). Reward models (`sequence_scores`) pack the same
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -215,7 +216,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     logits are lm_head(decoder(x)) (`_decoder_and_head`) the head runs on the completion
     positions only, in row chunks, so no (rows x positions x vocabulary) block exists.
     `token_stats`: also each position's entropy and argmax hit (a reference needs neither).
-    `attention_kwargs`: passed to the forward (packed rows' spans, `_segments`)."""
+    `attention_kwargs`: passed to the forward (packed rows' spans, `_packed_forward`)."""
     kwargs = {"input_ids": input_ids, "use_cache": False, **(attention_kwargs or {})}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -307,9 +308,16 @@ def _segmented(model, attention_mask, force: bool = False) -> bool:
     return use_packed_attention(_base_module(model), PLAIN_HEAD_MODEL_TYPES)
 
 
-def _segments(placement, ids: torch.Tensor, segmented: bool) -> dict:
-    """The forward kwargs of a packed batch: its rows' spans where attention runs per sequence."""
-    return {SEGMENTS: row_segments(placement, *ids.shape)} if segmented else {}
+@contextmanager
+def _packed_forward(model, input_ids, attention_mask, completion_mask, segments: bool = False):
+    """A packed forward's set-up: yields `_pack`'s (ids, completion mask, position ids, placement)
+    and the forward's extra kwargs (the rows' spans where attention runs per sequence, in one row;
+    no mask is built inside), masked rows otherwise. `segments`: as `_segmented`'s `force`."""
+    segmented = _segmented(model, attention_mask, force=segments)
+    ids, comp, pos, placement = _pack(input_ids, attention_mask, completion_mask, one_row=segmented)
+    kwargs = {SEGMENTS: row_segments(placement, *ids.shape)} if segmented else {}
+    with segment_forward(segmented):
+        yield ids, comp, pos, placement, kwargs
 
 
 def _unpack(packed: torch.Tensor, placement: list[tuple[int, int, int]], width: int) -> torch.Tensor:
@@ -325,9 +333,11 @@ _SCORE_PACKING_ATTR = "_rayalign_score_packing_supported"
 
 @torch.no_grad()
 def _probe_packing(model, attr: str, padded, packed, avoid: int | None = None) -> bool:
-    """`padded(model, ids, mask)` vs `packed(model, ids, mask)` on three short probe sequences
-    (packed, the 4 and the 3 share a row); decided once per model, remembered on it as `attr`.
-    `avoid`: a token id the probe must not contain (a reward model's pad id ends its score)."""
+    """`padded(model, ids, mask)` vs both packed paths, `packed(model, ids, mask, segments)` with
+    segments False (masked rows: the 4 and the 3 share a row) and True (one row attended per
+    sequence, the path long batches take), on three short probe sequences; decided once per
+    model, remembered on it as `attr`. `avoid`: a token id the probe must not contain (a reward
+    model's pad id ends its score)."""
     module = getattr(model, "module", model)  # a DeepSpeed engine's model
     known = getattr(module, attr, None)
     if known is not None:
@@ -348,8 +358,9 @@ def _probe_packing(model, attr: str, padded, packed, avoid: int | None = None) -
     was_training = module.training
     module.eval()
     try:
-        a, b = padded(model, ids, attn), packed(model, ids, attn)
-        supported = bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
+        want = padded(model, ids, attn)
+        supported = all(got is not None and bool(torch.allclose(want, got, atol=1e-4, rtol=1e-4))
+                        for got in (packed(model, ids, attn, segments) for segments in (False, True)))
     except (RuntimeError, ValueError, TypeError):  # a forward that rejects position_ids without a mask
         supported = False
     finally:
@@ -363,14 +374,10 @@ def packing_supported(model) -> bool:
     padded ones: true for architectures whose attention mask honours packed position ids
     (transformers' `create_causal_mask`: Llama, Qwen2/3, Mistral, Gemma, ...), false where
     attention leaks across the packed sequences."""
-    def padded(m, ids, attn):
-        return _padded_logprobs(m, ids, attn, attn, False).per_token_logps.repeat(2, 1)
-
-    def packed(m, ids, attn):  # both packed paths: masked rows (short batches), one row per sequence spans
-        return torch.cat([_packed_logprobs(m, ids, attn, attn, False, segments=force).per_token_logps
-                          for force in (False, True)])
-
-    return _probe_packing(model, _PACKING_ATTR, padded, packed)
+    return _probe_packing(
+        model, _PACKING_ATTR,
+        lambda m, ids, attn: _padded_logprobs(m, ids, attn, attn, False).per_token_logps,
+        lambda m, ids, attn, segments: _packed_logprobs(m, ids, attn, attn, False, segments=segments).per_token_logps)
 
 
 def batch_logprobs(model, input_ids, attention_mask, completion_mask, *, padding_free: bool | None = None,
@@ -395,11 +402,10 @@ def _padded_logprobs(model, input_ids, attention_mask, completion_mask, with_log
 
 def _packed_logprobs(model, input_ids, attention_mask, completion_mask, with_log_sum_sq: bool, *,
                      token_stats: bool = True, segments: bool = False) -> LogProbs:
-    segmented = _segmented(model, attention_mask, force=segments)
-    ids, comp, pos, placement = _pack(input_ids, attention_mask, completion_mask, one_row=segmented)
-    with segment_forward(segmented):
+    with _packed_forward(model, input_ids, attention_mask, completion_mask, segments) as (ids, comp, pos, placement,
+                                                                                          kwargs):
         out = sequence_logprobs(model, ids, None, comp, position_ids=pos, with_log_sum_sq=with_log_sum_sq,
-                                token_stats=token_stats, attention_kwargs=_segments(placement, ids, segmented))
+                                token_stats=token_stats, attention_kwargs=kwargs)
     width = input_ids.shape[1]
     per_token = _unpack(out.per_token_logps, placement, width)
     mean_logits = _unpack(out.mean_logits, placement, width)
@@ -506,13 +512,11 @@ def _packed_scores(model, input_ids, attention_mask, segments: bool = False) -> 
     last = (torch.arange(input_ids.shape[1], device=input_ids.device) * (input_ids != pad)).argmax(-1)
     if bool((last >= attention_mask.sum(dim=1)).any()):
         return None  # padded with another id than the model's pad id: its forward reads padding
-    segmented = _segmented(model, attention_mask, force=segments)
-    ids, _, pos, placement = _pack(input_ids, attention_mask, attention_mask, one_row=segmented)
+    with _packed_forward(model, input_ids, attention_mask, attention_mask, segments) as (ids, _, pos, placement,
+                                                                                         kwargs):
+        hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).last_hidden_state
     rows = torch.tensor([row for row, _, _ in placement], device=input_ids.device)
     cols = torch.tensor([start for _, start, _ in placement], device=input_ids.device) + last
-    with segment_forward(segmented):
-        hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False,
-                         **_segments(placement, ids, segmented)).last_hidden_state
     return score(hidden[rows, cols])
 
 
@@ -521,14 +525,7 @@ def score_packing_supported(model) -> bool:
     parts = _pooled_decoder_and_score(model)
     if parts is None:
         return False
-    def padded(m, ids, attn):
-        return _padded_scores(m, ids, attn).repeat(2, 1)
-
-    def packed(m, ids, attn):  # both packed paths, as packing_supported
-        scores = [_packed_scores(m, ids, attn, segments=force) for force in (False, True)]
-        return None if any(x is None for x in scores) else torch.cat(scores)
-
-    return _probe_packing(model, _SCORE_PACKING_ATTR, padded, packed, avoid=parts[2])
+    return _probe_packing(model, _SCORE_PACKING_ATTR, _padded_scores, _packed_scores, avoid=parts[2])
 
 
 def sequence_scores(model, input_ids, attention_mask, *, padding_free: bool | None = None) -> torch.Tensor:

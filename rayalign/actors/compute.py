@@ -9,8 +9,18 @@ default. Measured on a 17M-parameter DPO learner with 2 threads: the learner use
 the 2 cores and stepped in 0.84 s, against 199% and 0.68 s for the same step run in one
 thread of a plain process.
 
+A second thread that ever runs a parallel torch op costs more than its own call. GNU OpenMP
+(torch's CPU wheels) keeps a thread team per calling thread, and once the process holds more
+OpenMP threads than it has CPUs it switches every team to "throttled" waiting: a worker sleeps
+in the kernel after ~100 spins instead of ~300k, so every small parallel region (a decode
+step's matmuls) pays a wake-up. Measured on the 17M-parameter HF rollout engine with 2 threads
+on 2 CPUs: 1.38 s per generate call, 1.65 s after one weight load or fingerprint had run on
+Ray's thread, for the rest of the process's life.
+
 `on_compute_thread` runs the decorated actor methods on a single thread per process, with
-the thread count the actor chose (`use_threads`, in its constructor) applied there.
+the thread count the actor chose (`use_threads`, in its constructor) applied there. Every
+method that runs torch ops goes there, constructors (model loading) included, so a process
+has one OpenMP team.
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ class PolicyLearner(DistributedWorker):
 
     # ------------------------------------------------------------------ setup
 
+    @on_compute_thread
     def setup(self, num_training_steps: int, reference=None) -> dict:
         """Load the model, wrap it with DeepSpeed and build optimizer + scheduler."""
         import deepspeed
@@ -259,6 +260,7 @@ class PolicyLearner(DistributedWorker):
             reported = self.engine.get_global_grad_norm()
             self._grad_norm = norm if reported is None else float(reported)
 
+    @on_compute_thread
     def export_weights(self, probe: list[int] | None = None) -> WeightExport | None:
         """The weights rollout engines load, for a push: on rank 0 a `WeightExport` with the
         state dict in Ray's object store (`state`: a ref, base-model names, LoRA merged into
@@ -302,6 +304,7 @@ class PolicyLearner(DistributedWorker):
 
         self._weight_sender = weight_sync.Sender(kind, host, port, world_size, timeout_s)
 
+    @on_compute_thread
     def prepare_weights(self, probe: list[int] | None = None) -> WeightExport | None:
         """export_weights for the broadcast channel: the state stays where it lives until
         `broadcast_weights`; rank 0 returns a `WeightExport` with its metadata (`meta`: name,
@@ -316,6 +319,7 @@ class PolicyLearner(DistributedWorker):
         return WeightExport(fingerprint=weight_sync.sent_fingerprint(state), probe=probe_logps,
                             num_tensors=len(state), meta=weight_sync.describe(state))
 
+    @on_compute_thread
     def export_ipc(self, probe: list[int] | None = None, bucket_bytes: int | None = None) -> WeightExport | None:
         """export_weights for the cuda_ipc channel: rank 0 packs the push's tensors into GPU
         buckets, exports each as a CUDA IPC handle and keeps the buffers until `release_ipc`;
@@ -345,6 +349,7 @@ class PolicyLearner(DistributedWorker):
 
         return gpu_uuid() if torch.cuda.is_available() else None
 
+    @on_compute_thread
     def broadcast_weights(self) -> None:
         """Rank 0: broadcast what prepare_weights took (the engines receive at the same time)."""
         state, self._outgoing = self._outgoing, None
@@ -404,6 +409,7 @@ class PolicyLearner(DistributedWorker):
             return batch.with_reference(ref_c, ref_r)
         raise RuntimeError(f"reference.mode={mode}: batch arrived without ref_*_logps columns")
 
+    @on_compute_thread
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int) -> dict[str, list[str]]:
         """Greedy completions of the policy (and, for a LoRA policy, of its reference: the
         adapter-off model or the frozen reference adapter). Every rank runs it: under ZeRO-3
@@ -423,6 +429,7 @@ class PolicyLearner(DistributedWorker):
 
     # ------------------------------------------------------------------ weights and state
 
+    @on_compute_thread
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full (gathered) model weights on rank 0, None elsewhere. Collective under ZeRO-3."""
         if self.cfg.learner.zero_stage == 3:
@@ -433,6 +440,7 @@ class PolicyLearner(DistributedWorker):
             return None
         return {k: v.detach().cpu().clone() for k, v in state.items()}
 
+    @on_compute_thread
     def save(self, staging_dir: str, *, with_state: bool = True) -> None:
         """Write HF files (rank 0) and learner/RNG state (every rank) into `staging_dir`;
         `with_state=False` (save_only_model): the HF files only."""
@@ -483,6 +491,7 @@ class PolicyLearner(DistributedWorker):
         if engine.zero_optimization():
             save_state(os.path.join(directory, f"rank_{self.rank}"), {"optimizer": engine.optimizer.state_dict()})
 
+    @on_compute_thread
     def load(self, checkpoint_dir: str) -> None:
         """Restore weights, optimizer, scheduler, counters and RNG from a checkpoint dir.
         Mirrors DeepSpeed's load_checkpoint, reading rayalign's pickle-free files instead."""

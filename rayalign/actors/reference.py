@@ -42,6 +42,7 @@ def load_reference_model(cfg: DPOConfig) -> torch.nn.Module:
 class Reference:
     """One reference-model actor: frozen weights, log-probs on request."""
 
+    @on_compute_thread
     def __init__(self, cfg: DPOConfig, *, rank: int, world_size: int):
         self.cfg = cfg
         self.rank = rank
@@ -61,6 +62,7 @@ class Reference:
             rejected.append(r)
         return torch.cat(chosen), torch.cat(rejected)
 
+    @on_compute_thread
     @torch.no_grad()
     def mix_weights(self, policy_state: dict[str, torch.Tensor], alpha: float) -> None:
         """TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (ref_model_mixup_alpha)."""
@@ -71,6 +73,7 @@ class Reference:
                 target = params[name]
                 target.mul_(1 - alpha).add_(value.to(target.dtype), alpha=alpha)
 
+    @on_compute_thread
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
         from rayalign.models.generate import generate_texts
 
@@ -82,6 +85,7 @@ class Reference:
 class ReferenceLogpsStage:
     """Ray Data `map_batches` UDF: tokenized rows in, rows plus reference log-probs out."""
 
+    @on_compute_thread
     def __init__(self, cfg: DPOConfig, cache_dir: str | None = None, threads: int | None = None):
         use_threads(self, threads or max(1, int(cfg.reference.num_cpus_per_actor)))
         self.cfg = cfg

@@ -33,6 +33,7 @@ class RewardModelConfig:
 class RewardModel:
     """Scores (prompt, completion) pairs with one reward model."""
 
+    @on_compute_thread
     def __init__(self, cfg: RewardModelConfig, *, rank: int = 0, world_size: int = 1):
         use_threads(self, max(1, int(cfg.num_cpus)))
         self.cfg = cfg

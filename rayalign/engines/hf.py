@@ -22,6 +22,7 @@ from rayalign.weight_sync.nccl import TorchGroup, nbytes, plan_buckets, unpack
 class HFEngine(RolloutEngine):
     name = "hf"
 
+    @on_compute_thread
     def __init__(self, path: str, rcfg, tokenizer, *, max_model_len: int | None, trust_remote_code: bool,
                  bf16: bool):
         use_threads(self, max(1, int(rcfg.num_cpus_per_actor)))
@@ -67,6 +68,7 @@ class HFEngine(RolloutEngine):
                 out.append([cut_at_eos(rows[i * n + j], eos_ids, pad) for j in range(n)])
         return out
 
+    @on_compute_thread
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor]) -> dict:
         # Checked before anything is copied: a rejected push must leave the engine as it was.
@@ -85,6 +87,7 @@ class HFEngine(RolloutEngine):
                       timeout_s: float) -> None:
         self._group = TorchGroup(kind, host, port, rank_offset, world_size, timeout_s)
 
+    @on_compute_thread
     def receive(self, meta: list[dict], version: int) -> dict[str, float]:
         """The learner's buckets (`plan_buckets` of `meta`) into fresh buffers, then `load`."""
         fp = weights_lib.Fingerprint()
@@ -99,8 +102,10 @@ class HFEngine(RolloutEngine):
         self.load(state)
         return fp.result()
 
+    @on_compute_thread
     def fingerprint(self) -> dict:
         return weights_lib.fingerprint(self.model.parameters())
 
+    @on_compute_thread
     def probe(self, ids: list[int]) -> list[float]:
         return weights_lib.probe_logprobs(self.model, ids)

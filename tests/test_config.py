@@ -65,11 +65,21 @@ def test_precompute_flag_maps_onto_reference_mode():
      "ref_adapter_name"),
     (["--lora.enabled", "true", "--force_use_ref_model", "true", "--reference.mode", "implicit"],
      "force_use_ref_model"),
+    (["--learner.resources.CPU", "2"], "learner.resources.CPU"),  # CPUs have their own field
+    (["--reference.resources.ref_node", "0"], "reference.resources.ref_node"),
+    (["--reference.resources.ref_node", "lots"], "reference.resources.ref_node"),
+    (["--learner.resources", "gpu_node"], "learner.resources"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(DPOConfig, None, BASE + override)
     assert str(err.value).startswith(field), str(err.value)
+
+
+def test_custom_resources_load_from_overrides():
+    cfg = load_config(DPOConfig, None, BASE + ["--learner.resources.learner_node", "1",
+                                               "--reference.resources.ref_node", "0.5"])
+    assert cfg.learner.resources == {"learner_node": 1} and cfg.reference.resources == {"ref_node": 0.5}
 
 
 def test_missing_required_fields():

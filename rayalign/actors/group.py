@@ -80,13 +80,30 @@ def pending_interrupt() -> int | None:
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """Resources of one actor group: N actors with the same per-actor CPUs/GPUs."""
+    """Resources of one actor group: N actors with the same per-actor CPUs/GPUs and custom
+    resources (`resources`: names nodes were started with, which pins the group to them)."""
 
     name: str
     num_actors: int
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     strategy: str = "PACK"  # placement-group strategy: PACK, SPREAD, STRICT_PACK ...
+    resources: dict | None = None
+    field: str | None = None  # the config section it comes from, for errors (default: name)
+
+    @classmethod
+    def of(cls, name: str, section, num_actors: int | None = None, field: str | None = None) -> "GroupSpec":
+        """The spec a config section (learner, reference, rollout, scoring: num_actors,
+        num_cpus_per_actor, num_gpus_per_actor, resources) asks for."""
+        return cls(name, section.num_actors if num_actors is None else num_actors, section.num_cpus_per_actor,
+                   section.num_gpus_per_actor, resources=section.resources, field=field or name)
+
+    def bundle(self) -> dict:
+        """One actor's placement-group bundle."""
+        out = {"CPU": self.num_cpus_per_actor, **(self.resources or {})}
+        if self.num_gpus_per_actor:
+            out["GPU"] = self.num_gpus_per_actor
+        return out
 
 
 class DistributedWorker:
@@ -235,6 +252,16 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def check_custom_resources(resources: dict | None, field: str) -> None:
+    """A custom resource (`<field>.resources`) no node of the cluster has fails now, naming
+    the field, instead of after a placement timeout (or never, for a Ray Data stage)."""
+    missing = sorted(set(resources or {}) - set(ray.cluster_resources()))
+    if missing:
+        raise ClusterError(f"{field}.resources: no node of this Ray cluster has {missing} (start the nodes "
+                           f"meant for it with e.g. ray start --resources='{{\"{missing[0]}\": 1}}', or KubeRay's "
+                           "rayStartParams resources)")
+
+
 class ActorGroup:
     """N actors of one class in one placement group, addressed together."""
 
@@ -247,9 +274,8 @@ class ActorGroup:
         if spec.num_actors < 1:
             raise ValueError(f"{spec.name}.num_actors must be >= 1")
         self.spec = spec
-        bundle = {"CPU": spec.num_cpus_per_actor}
-        if spec.num_gpus_per_actor:
-            bundle["GPU"] = spec.num_gpus_per_actor
+        bundle = spec.bundle()
+        check_custom_resources(spec.resources, spec.field or spec.name)
         self._owns_pg = placement is None
         if placement is not None:
             self._pg, first = placement
@@ -275,6 +301,7 @@ class ActorGroup:
                 name=f"{spec.name}-{i}-{uuid.uuid4().hex[:8]}",  # findable: ray.util.list_named_actors()
                 num_cpus=spec.num_cpus_per_actor,
                 num_gpus=spec.num_gpus_per_actor,
+                resources=spec.resources or None,
                 max_restarts=max_restarts,
                 max_concurrency=2,  # several learners may query one reference actor at once
                 scheduling_strategy=PlacementGroupSchedulingStrategy(

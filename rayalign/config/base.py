@@ -69,6 +69,23 @@ def _one_of(value: Any, name: str, allowed: typing.Iterable[Any]) -> None:
     _require(value in allowed, name, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _check_resources(value: dict | None, name: str) -> None:
+    """Custom Ray resources an actor group asks for on top of its CPUs/GPUs: names a node was
+    started with (`ray start --resources='{"ref_node": 4}'`, KubeRay's rayStartParams), the
+    way to put a role on chosen nodes."""
+    if value is None:
+        return
+    for key, amount in value.items():
+        _require(isinstance(key, str) and bool(key) and key not in BUILTIN_RESOURCES, f"{name}.{key}",
+                 f"a custom resource name; CPUs and GPUs have their own fields ({', '.join(BUILTIN_RESOURCES)} "
+                 "are Ray's)")
+        _require(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0,
+                 f"{name}.{key}", f"must be a number > 0, got {amount!r}")
+
+
 def is_adapter_dir(path: str | None) -> bool:
     """A local PEFT adapter directory (it holds adapter_config.json)."""
     return bool(path) and Path(path).expanduser().joinpath("adapter_config.json").is_file()
@@ -101,6 +118,7 @@ class LearnerConfig:
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stages 1-3)
     torch_threads: int | None = None  # intra-op threads per learner (None: cpus per actor)
     collective_timeout_s: float = 600.0  # a dead peer raises instead of hanging
+    resources: dict[str, float] | None = None  # custom Ray resources per actor (pins the role to nodes)
 
     def __post_init__(self):
         _require(self.num_actors >= 1, "learner.num_actors", "must be >= 1")
@@ -108,6 +126,7 @@ class LearnerConfig:
         _require(self.num_cpus_per_actor >= 0, "learner.num_cpus_per_actor", "must be >= 0")
         _require(self.num_gpus_per_actor >= 0, "learner.num_gpus_per_actor", "must be >= 0")
         _require(self.collective_timeout_s > 0, "learner.collective_timeout_s", "must be > 0")
+        _check_resources(self.resources, "learner.resources")
         if self.torch_threads is not None:
             _require(self.torch_threads >= 1, "learner.torch_threads", "must be >= 1 or null")
 
@@ -140,6 +159,7 @@ class ReferenceConfig:
     # two would share the same CPUs); "auto": stream when the reference has GPUs or the
     # cluster has several nodes, else before_training.
     precompute_schedule: Literal["auto", "stream", "before_training"] = "auto"
+    resources: dict[str, float] | None = None  # custom Ray resources per actor / precompute worker
 
     def __post_init__(self):
         _expand_paths(self, ("model_name_or_path", "cache_dir"))
@@ -149,6 +169,7 @@ class ReferenceConfig:
         _require(self.num_gpus_per_actor >= 0, "reference.num_gpus_per_actor", "must be >= 0")
         _require(self.batch_size >= 1, "reference.batch_size", "must be >= 1")
         _one_of(self.precompute_schedule, "reference.precompute_schedule", ("auto", "stream", "before_training"))
+        _check_resources(self.resources, "reference.resources")
 
 
 @dataclass(frozen=True)

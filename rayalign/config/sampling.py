@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rayalign.config.base import _one_of, _require
+from rayalign.config.base import _check_resources, _one_of, _require
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class RolloutConfig:
     # cuda_ipc (a colocated engine): vLLM sleeps while the learner trains (KV cache and weights
     # freed, woken by the next push). null: true with cuda_ipc, false otherwise.
     sleep_between_steps: bool | None = None
+    resources: dict[str, float] | None = None  # custom Ray resources per actor (pins rollouts to nodes)
 
     def __post_init__(self):
         _one_of(self.backend, "rollout.backend", rollout_backends())
@@ -92,6 +93,7 @@ class RolloutConfig:
         _require(self.weight_sync_timeout_s > 0, "rollout.weight_sync_timeout_s", "must be > 0")
         _require(self.generate_timeout_s > 0, "rollout.generate_timeout_s", "must be > 0")
         _require(self.hf_batch_size >= 1, "rollout.hf_batch_size", "must be >= 1")
+        _check_resources(self.resources, "rollout.resources")
         if self.max_model_len is not None:
             _require(self.max_model_len >= 1, "rollout.max_model_len", "must be >= 1 or null")
         _require(self.kv_cache_space_gib >= 0, "rollout.kv_cache_space_gib", "must be >= 0")
@@ -170,8 +172,10 @@ class ScoringConfig:
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     batch_size: int = 32
+    resources: dict[str, float] | None = None  # custom Ray resources per actor
 
     def __post_init__(self):
         _require(self.batch_size >= 1, "scoring.batch_size", "must be >= 1")
+        _check_resources(self.resources, "scoring.resources")
         _require(self.num_cpus_per_actor >= 0, "scoring.num_cpus_per_actor", "must be >= 0")
         _require(self.num_gpus_per_actor >= 0, "scoring.num_gpus_per_actor", "must be >= 0")

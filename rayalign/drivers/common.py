@@ -54,15 +54,11 @@ def local_num_cpus(cfg: TrainConfig) -> int:
 def actor_groups(cfg: TrainConfig) -> list[tuple[str, int, dict]]:
     """(role, num_actors, bundle per actor) for every actor group a job starts, in the order
     its bundles sit in a Ray Tune trial's placement group (after the trial's own bundle)."""
-    def bundle(section) -> dict:
-        b = {"CPU": section.num_cpus_per_actor}
-        if section.num_gpus_per_actor:
-            b["GPU"] = section.num_gpus_per_actor
-        return b
+    from rayalign.actors.group import GroupSpec
 
-    groups = [("learner", cfg.learner.num_actors, bundle(cfg.learner))]
+    groups = [("learner", cfg.learner.num_actors, GroupSpec.of("learner", cfg.learner).bundle())]
     if isinstance(cfg, DPOConfig) and cfg.reference_mode == "actor":
-        groups.append(("reference", cfg.reference.num_actors, bundle(cfg.reference)))
+        groups.append(("reference", cfg.reference.num_actors, GroupSpec.of("reference", cfg.reference).bundle()))
     return groups
 
 
@@ -209,8 +205,10 @@ class PreparedData:
             return ds.map_batches(add, batch_format="numpy")
         from ray.data import ActorPoolStrategy
 
+        from rayalign.actors.group import check_custom_resources
         from rayalign.actors.reference import ReferenceLogpsStage
 
+        check_custom_resources(cfg.reference.resources, "reference")
         # Streams: learners train on scored blocks while later blocks are still being scored;
         # each scored block also lands in the cache directory.
         return ds.map_batches(
@@ -218,7 +216,7 @@ class PreparedData:
                                                         "threads": threads},
             compute=ActorPoolStrategy(size=cfg.reference.num_actors),
             num_cpus=cfg.reference.num_cpus_per_actor, num_gpus=cfg.reference.num_gpus_per_actor or None,
-            batch_size=cfg.reference.batch_size, batch_format="numpy")
+            resources=cfg.reference.resources or None, batch_size=cfg.reference.batch_size, batch_format="numpy")
 
     def _scored_rows(self, cfg: DPOConfig, ds, path: str, pieces: list) -> list[dict]:
         """Eval rows with reference log-probs, through the same cache (computed eagerly)."""

@@ -156,7 +156,7 @@ def sample(cfg: EvalConfig, path: str, rows: list[dict], backend: str, sampling:
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code, field="models")
     ids = [prompt_text_and_ids(r["prompt"], tokenizer)[1] for r in rows]
     rcfg = cfg.rollout
-    group = ActorGroup(Rollout, GroupSpec("rollout", rcfg.num_actors, rcfg.num_cpus_per_actor, rcfg.num_gpus_per_actor),
+    group = ActorGroup(Rollout, GroupSpec.of("rollout", rcfg),
                        args=(path, rcfg, backend, None, rcfg.max_model_len, cfg.trust_remote_code, cfg.bf16),
                        env_vars=actor_env(rcfg), placement_timeout_s=cfg.ray.placement_timeout_s)
     try:
@@ -188,7 +188,7 @@ def _reward_model(cfg: EvalConfig):
     from rayalign.actors.reward import RewardModel, RewardModelConfig
 
     sc = cfg.scoring
-    group = ActorGroup(RewardModel, GroupSpec("reward-model", 1, sc.num_cpus_per_actor, sc.num_gpus_per_actor),
+    group = ActorGroup(RewardModel, GroupSpec.of("reward-model", sc, 1, field="scoring"),
                        args=(RewardModelConfig(cfg.reward_model_path, batch_size=sc.batch_size,
                                                max_length=cfg.max_length, num_cpus=sc.num_cpus_per_actor,
                                                num_gpus=sc.num_gpus_per_actor, trust_remote_code=cfg.trust_remote_code),),

@@ -80,9 +80,7 @@ class OfflineJob(runner.Job):
     def start(self) -> ActorGroup:
         cfg = self.cfg
         self.epoch = None
-        self.learners = ActorGroup(PolicyLearner, GroupSpec("learner", cfg.learner.num_actors,
-                                                            cfg.learner.num_cpus_per_actor,
-                                                            cfg.learner.num_gpus_per_actor),
+        self.learners = ActorGroup(PolicyLearner, GroupSpec.of("learner", cfg.learner),
                                    args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s,
                                    placement=common.group_placements(cfg)["learner"])
         self.learners.init_distributed(common.backend(cfg), cfg.learner.collective_timeout_s)
@@ -150,9 +148,7 @@ class DPOJob(OfflineJob):
     def start(self) -> ActorGroup:
         cfg = self.cfg
         if cfg.reference_mode == "actor":
-            self.references = ActorGroup(Reference, GroupSpec("reference", cfg.reference.num_actors,
-                                                              cfg.reference.num_cpus_per_actor,
-                                                              cfg.reference.num_gpus_per_actor),
+            self.references = ActorGroup(Reference, GroupSpec.of("reference", cfg.reference),
                                          args=(cfg,), placement_timeout_s=cfg.ray.placement_timeout_s,
                                          placement=common.group_placements(cfg)["reference"])
         return super().start()

@@ -35,8 +35,7 @@ class RewardModelSource(RewardSource):
         rm_cfg = RewardModelConfig(spec, batch_size=scoring.batch_size, max_length=ctx.max_length,
                                    num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
                                    trust_remote_code=ctx.trust_remote_code)
-        self.group = ActorGroup(RewardModel, GroupSpec(f"reward-model{index}", 1, scoring.num_cpus_per_actor,
-                                                       scoring.num_gpus_per_actor),
+        self.group = ActorGroup(RewardModel, GroupSpec.of(f"reward-model{index}", scoring, 1, field="scoring"),
                                 args=(rm_cfg,), placement=ctx.placement[index] if ctx.placement else None)
         self.actor = self.group.actors[0]
 

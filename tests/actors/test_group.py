@@ -50,3 +50,21 @@ def test_dead_actor_raises_instead_of_hanging(ray_local):
             group.call("add", 1, timeout=60)
     finally:
         group.shutdown()
+
+
+def test_custom_resource_no_node_has_fails_at_once_naming_the_field(ray_local):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"rollout\.resources: no node of this Ray cluster has \['rollout_node'\]"):
+        ActorGroup(Summer, GroupSpec("rollout", 1, num_cpus_per_actor=0.5, resources={"rollout_node": 1}),
+                   args=(0,), placement_timeout_s=60)
+    assert time.monotonic() - started < 30  # not after the placement timeout
+
+
+def test_spec_of_a_config_section_carries_its_resources():
+    from rayalign.config import RolloutConfig
+
+    spec = GroupSpec.of("rollout", RolloutConfig(backend="hf", num_actors=2, num_cpus_per_actor=2,
+                                                 resources={"rollout_node": 0.5}))
+    assert (spec.num_actors, spec.bundle()) == (2, {"CPU": 2, "rollout_node": 0.5})

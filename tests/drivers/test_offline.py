@@ -327,3 +327,18 @@ def test_reference_free_runs_without_any_reference(ray_local, tiny_model_dir, sm
     assert rows[-1]["rewards/chosen"] == pytest.approx(0.1 * rows[-1]["logps/chosen"], rel=1e-5)
     evals = [m for m in metrics(out) if "eval_loss" in m]
     assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # same eval pairs, lower loss
+
+
+@pytest.mark.parametrize("mode", ["precompute", "actor"])
+def test_a_custom_resource_no_node_has_fails_before_training(tiny_model_dir, small_data, tmp_path, mode):
+    """reference.resources names nodes the cluster does not have: a ClusterError naming the field,
+    before any step (a Ray Data stage would otherwise wait for such a node for ever)."""
+    from rayalign.actors.group import ClusterError
+
+    out = tmp_path / "run"
+    cfg = base(tiny_model_dir, small_data, out, eval_dataset=None, max_steps=2)
+    cfg["reference"] = {**cfg["reference"], "mode": mode, "resources": {"ref_node": 1},
+                        "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(ClusterError, match=r"reference\.resources: no node of this Ray cluster has \['ref_node'\]"):
+        rayalign.train_dpo(cfg)
+    assert not list(out.glob("checkpoint-*"))

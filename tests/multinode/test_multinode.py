@@ -1,8 +1,11 @@
 """Runs across several Ray nodes on this machine (a real `ray.cluster_utils.Cluster`, in a
 subprocess so its Ray is not the suite's): training data as a URI of Parquet shards tokenized
-on the worker nodes, a bad row in a later shard failing the run by file/row/field, learners on two nodes, the driver on a node with no
-learner, a learner's node removed mid-run and the run recovering from its last checkpoint; and
-the shared-storage check's decision (which node cannot see the run dir)."""
+on the worker nodes, a bad row in a later shard failing the run by file/row/field, learners on
+two nodes, the driver on a node with no learner, a learner's node removed mid-run and the run
+recovering from its last checkpoint; the reference (actor or precompute stage) and the rollout
+actors on a third node chosen by custom resources, with checkpoints, metrics and the reference
+cache under a file:// URI; and the shared-storage check's decision (which node cannot see the
+run dir)."""
 
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def _run(tiny_model_dir, demo_data_dir, out, *flags) -> dict:
     # RAYALIGN_LOCAL_TOKENIZE_BYTES=0: the demo data is small enough for the driver; tokenize on the workers
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0", "RAYALIGN_LOCAL_TOKENIZE_BYTES": "0"}
     env.pop("RAY_ADDRESS", None)
-    data = _shards(demo_data_dir, Path(f"{out}-data"))
+    data = _shards(demo_data_dir, Path(f"{str(out).removeprefix('file://')}-data"))
     proc = subprocess.run([sys.executable, str(JOB), tiny_model_dir, data, str(out),
                            *flags], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -63,6 +66,7 @@ def test_learners_span_nodes_and_a_lost_node_is_recovered(tiny_model_dir, demo_d
     assert not list(failed.glob("checkpoint-*")) and not (failed / "metrics.jsonl").exists()
     before = clean["placements"][0]
     assert len(set(before)) == 2 and clean["head"] not in before  # two nodes, none the driver's
+    assert clean["reference_nodes"] == [clean["aux"]] and clean["aux"] not in before  # reference.resources
     assert clean["tokenize_nodes"] and clean["head"] not in clean["tokenize_nodes"]  # shards tokenized off the driver
     assert clean["checkpoint"].endswith("checkpoint-8")
 
@@ -76,6 +80,29 @@ def test_learners_span_nodes_and_a_lost_node_is_recovered(tiny_model_dir, demo_d
     assert sorted(got) == list(range(1, 9))
     for step in want:  # restored from checkpoint-2: the same run, step for step
         assert got[step] == pytest.approx(want[step], rel=1e-3, abs=1e-4), step
+
+
+@pytest.mark.slow
+def test_reference_and_rollouts_on_their_own_node_with_run_files_on_a_uri(tiny_model_dir, demo_data_dir, tmp_path):
+    """Precompute DPO (the Ray Data reference stage pinned to the aux node) and online DPO (its
+    reference and HF rollout actors there), output and reference cache under a file:// URI."""
+    root = tmp_path / "shared"
+    seen = _run(tiny_model_dir, demo_data_dir, f"file://{root}", "--roles", f"{demo_data_dir}/prompts_train.jsonl")
+    aux, head = seen["aux"], seen["head"]
+    pre, on = seen["precompute"], seen["online"]
+    assert pre["stage_nodes"] == [aux]
+    for run in (pre, on):  # two learners on two learner_node nodes: not the aux node, not the driver's
+        assert len(run["learner_nodes"]) == 2 and aux not in run["learner_nodes"] and head not in run["learner_nodes"]
+    assert on["rollout_nodes"] == [aux] and on["reference_nodes"] == [aux]
+    assert pre["checkpoint"] == f"file://{root}/precompute/checkpoint-3"
+    assert on["checkpoint"] == f"file://{root}/online/checkpoint-3"
+    for run in ("precompute", "online"):  # what the URI holds: the checkpoint, metrics, the run files
+        assert (root / run / "checkpoint-3" / "model.safetensors").is_file()
+        steps = [json.loads(line)["step"] for line in open(root / run / "metrics.jsonl") if '"loss"' in line]
+        assert steps[-1] == 3, steps
+        assert (root / run / "trainer_state.json").is_file()
+    caches = list((root / "ref-cache").rglob("*"))  # the stage wrote its cache to the URI
+    assert any(p.is_file() for p in caches), caches
 
 
 def test_shared_storage_check_names_the_node_that_cannot_see_the_run_dir(tmp_path):

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,8 @@ def _token_schema(kind: str) -> pa.Schema:
     ids = pa.list_(pa.int64())
     if kind == "sft":
         return pa.schema([("row_index", pa.int64()), ("prompt_ids", ids), ("completion_ids", ids)])
+    if kind == "prompt":
+        return pa.schema([("row_index", pa.int64()), ("prompt_ids", ids), ("row", pa.binary())])
     return pa.schema([("row_index", pa.int64()), ("prompt_ids", ids), ("chosen_ids", ids),
                       ("rejected_ids", ids), ("margin", pa.float64())])
 
@@ -380,19 +383,27 @@ def load_prompts(path: str, field: str = "prompts") -> list:
     return prompts
 
 
-def load_prompt_rows(path: str | DataSource, tokenizer, field: str = "train_dataset",
-                     drop_bad_rows: bool = False) -> tuple[list[dict], int]:
-    """Prompt-only rows for online jobs: each row keeps its columns (reward functions get
-    them, TRL-style) plus `prompt_ids` (chat template with generation prompt for message
-    lists). Bad rows raise naming file/row/field, or are dropped and counted."""
-    rows, dropped = [], 0
-    for i, row in enumerate(read_rows(path, field)):
-        if (prompt := row_prompt(row)) is None:
-            if drop_bad_rows:
-                dropped += 1
-                continue
-            raise _bad(f"{field}: {path}", i, "prompt", BAD_PROMPT)
-        rows.append({**row, "prompt_ids": prompt_text_and_ids(prompt, tokenizer)[1]})
-    if not rows:
-        raise DataError(f"{field}: {path} has no usable prompt rows ({dropped} dropped)")
-    return rows, dropped
+def normalize_prompt_row(row, source: str, index: int) -> dict:
+    """Check one prompt-only row (online DPO); it keeps every column as read."""
+    if row_prompt(row) is None:
+        raise _bad(source, index, "prompt", BAD_PROMPT)
+    return row
+
+
+def tokenize_prompt_row(row: dict, tokenizer, settings: TokenizeSettings, source: str = "data",
+                        index: int = 0) -> dict:
+    """prompt_ids (chat template with generation prompt for message lists; not truncated) and
+    the row itself, pickled, so reward functions get its columns (TRL-style) exactly as read:
+    an Arrow column would refuse a string prompt in one row and messages in the next, and
+    would give each message every key any message has. (Pickle only carries rows from this
+    job's tasks to its driver, through the object store; no file holds them.)"""
+    if _is_messages(row["prompt"]) and not getattr(tokenizer, "chat_template", None):
+        raise _bad(source, index, "prompt", "conversational data needs a tokenizer with a chat template")
+    return {"prompt_ids": prompt_text_and_ids(row["prompt"], tokenizer)[1], "row": pickle.dumps(row)}
+
+
+def prompt_rows(batch: pa.Table) -> list[dict]:
+    """A batch of tokenized prompt rows (`tokenize_prompt_row`'s table) as the rows rollouts,
+    reward functions and judges get: the columns as read, plus prompt_ids (a list of ints)."""
+    return [{**pickle.loads(row), "prompt_ids": ids}
+            for row, ids in zip(batch.column("row").to_pylist(), batch.column("prompt_ids").to_pylist())]

@@ -277,13 +277,21 @@ class PieceResult:
     without_margin: list[int] = field(default_factory=list)  # first few file rows lacking a margin
 
 
+# kind -> (check and normalize a row, tokenize it): SFT rows, preference pairs (DPO, reward),
+# prompt-only rows (online DPO's train and eval prompts)
+ROW_FUNCTIONS = {
+    "sft": (data_lib.normalize_sft_row, data_lib.tokenize_sft_row),
+    "preference": (data_lib.normalize_preference_row, data_lib.tokenize_preference_row),
+    "prompt": (data_lib.normalize_prompt_row, data_lib.tokenize_prompt_row),
+}
+
+
 def tokenize_rows(rows: list[dict], piece: Piece, tokenizer, settings: TokenizeSettings, kind: str,
                   drop_bad_rows: bool, reward_max_length: int | None = None) -> tuple[pa.Table, PieceResult]:
     """Normalize and tokenize a piece's rows (TRL-exact, `data.tokenize_*_row`): the token
     table (row_index: the row's number in its file) and its counts. A bad row raises naming
     the file, row and field, or is dropped and counted."""
-    norm = data_lib.normalize_sft_row if kind == "sft" else data_lib.normalize_preference_row
-    tok_fn = data_lib.tokenize_sft_row if kind == "sft" else data_lib.tokenize_preference_row
+    norm, tok_fn = ROW_FUNCTIONS[kind]
     out, result = [], PieceResult(raw_rows=len(rows), kept=0, dropped=0)
     for i, row in enumerate(rows):
         index = piece.start + i
@@ -300,7 +308,7 @@ def tokenize_rows(rows: list[dict], piece: Piece, tokenizer, settings: TokenizeS
             result.dropped += 1  # TRL's RewardTrainer filters over-long pairs
             result.dropped_long += 1
             continue
-        if kind != "sft":
+        if kind == "preference":
             if "margin" in tokens:
                 result.with_margin += 1
             elif len(result.without_margin) < 5:
@@ -318,20 +326,33 @@ def check_sample(pieces: list[Piece], tokenizer, settings: TokenizeSettings, *, 
     normalized and tokenized, so a wrong format or schema fails at once naming file, row and
     field. Returns the number of rows kept when the sample was the whole dataset (small
     data is then checked exactly, its size included), else None."""
-    kept, whole, results = 0, True, []
+    return check_sample_rows(pieces, tokenizer, settings, kind=kind, drop_bad_rows=drop_bad_rows, field=field,
+                             reward_max_length=reward_max_length)[0]
+
+
+def check_sample_rows(pieces: list[Piece], tokenizer, settings: TokenizeSettings, *, kind: str,
+                      drop_bad_rows: bool, field: str,
+                      reward_max_length: int | None = None) -> tuple[int | None, pa.Table]:
+    """`check_sample`, also returning some of the sample's kept token rows: those of the first
+    files, up to SAMPLE_ROWS or a little more (row_index counts within each file). Online DPO
+    probes its reward functions with a few of them before Ray starts."""
+    kept, whole, results, tables = 0, True, [], []
     for piece in pieces:
         if piece.start != 0:  # one check per file: its first piece
             continue
         rows = read_piece(piece, field, limit=SAMPLE_ROWS)
-        result = tokenize_rows(rows, piece, tokenizer, settings, kind, drop_bad_rows, reward_max_length)[1]
+        table, result = tokenize_rows(rows, piece, tokenizer, settings, kind, drop_bad_rows, reward_max_length)
         results.append(result)
+        if kept < SAMPLE_ROWS:
+            tables.append(table)
         kept += result.kept
         whole = whole and len(rows) < SAMPLE_ROWS  # fewer rows than asked: the file ended
+    sample = pa.concat_tables(tables) if tables else data_lib._token_schema(kind).empty_table()
     if whole:
         _check_totals(results, _name(pieces), field, kind, reward_max_length)
-        return kept
+        return kept, sample
     _check_margins(results, _name(pieces), kind)  # a mix of rows with and without one shows in the sample
-    return None
+    return None, sample
 
 
 def _tokenize_piece(piece: Piece, tokenizer_path: str, trust_remote_code: bool, settings: TokenizeSettings,
@@ -537,6 +558,8 @@ def _check_totals(results: list[PieceResult], name: str, field: str, kind: str,
         if long and not bad:
             raise DataError(f"{field}: {name}: every pair is longer than max_length={reward_max_length} tokens "
                             f"(reward data is filtered, as TRL's RewardTrainer does); raise max_length")
+        if kind == "prompt":
+            raise DataError(f"{field}: {name} has no usable prompt rows ({out.num_dropped} dropped)")
         raise DataError(f"{field}: {name}: every row is bad ({out.num_dropped} dropped)")
     if bad:
         logger.warning("%s: %s: dropped %d of %d rows (drop_bad_rows=true)", field, name, bad, out.num_raw)
@@ -551,7 +574,7 @@ def _check_margins(results: list[PieceResult], name: str, kind: str) -> None:
     """A margin on some rows only would be dropped for every batch that mixes them (a batch
     carries a margin only when all its rows have one): refuse, naming rows without."""
     with_margin, kept = sum(r.with_margin for r in results), sum(r.kept for r in results)
-    if kind != "sft" and 0 < with_margin < kept:
+    if kind == "preference" and 0 < with_margin < kept:
         missing = [i for r in results for i in r.without_margin][:5]
         raise DataError(f"{name}: field 'margin' is set on {with_margin} rows but missing (or null) on "
                         f"{kept - with_margin}, e.g. rows {missing}: give every row a margin, or none")

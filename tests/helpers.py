@@ -25,3 +25,14 @@ def merged(cfg: dict, over: dict) -> dict:
     for key, value in over.items():
         out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def forbid_driver_tokenizing(monkeypatch) -> None:
+    """Make `stream.tokenize`'s in-process path fail, so whatever gets tokenized went through
+    Ray tasks (Ray's state API, which lists tasks, needs the dashboard the tests' Ray lacks)."""
+    from rayalign import stream
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenized in the driver process, not by Ray tasks")
+
+    monkeypatch.setattr(stream, "tokenize_local", refuse)

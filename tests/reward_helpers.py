@@ -1,4 +1,4 @@
-"""Broken reward functions for the online bad-input tests, importable as
+"""Broken (and recording) reward functions for the online tests, importable as
 `tests.reward_helpers:<name>` (TRL's signature: prompts, completions, **columns)."""
 
 from __future__ import annotations
@@ -39,3 +39,13 @@ def nan_after_probe(prompts, completions, **kwargs):
     if CALLS["nan_after_probe"] > 1:
         scores[1] = math.nan
     return scores
+
+
+SEEN: list[dict] = []
+
+
+def record(prompts, completions, completion_ids=None, **columns):
+    """Keeps what it was given in SEEN (the online prompt-path tests check what reward
+    functions receive); scores a completion by its length."""
+    SEEN.append({"prompts": prompts, "columns": columns})
+    return [float(len(c if isinstance(c, str) else c[-1]["content"])) for c in completions]

@@ -4,6 +4,7 @@ Ray Dataset equal to the single-process table, and bad rows found by those tasks
 the job by file, row and field (or counted with drop_bad_rows)."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import pytest
 from rayalign import stream
 from rayalign.data import DataError, TokenizeSettings, read_rows, validate_file
 from rayalign.models.loading import load_tokenizer
+from tests.helpers import forbid_driver_tokenizing
 
 SETTINGS = TokenizeSettings(max_length=64)
 
@@ -134,3 +136,66 @@ def test_a_job_holds_no_rows_before_ray_and_trains_on_shards(ray_local, tmp_path
     assert result["reference_cache"] == "miss" and result["total_steps"] == 3
     again = rayalign.train_dpo({**cfg, "output_dir": str(tmp_path / "again")})
     assert again["reference_cache"] == "hit"
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """Prompt-only rows as online DPO reads them: string and message prompts mixed (JSON lines
+    allow it), extra columns for the reward functions, some of them None."""
+    rows = []
+    for i in range(n):
+        prompt = f"Reverse: {' '.join('abcdef'[:2 + i % 4])} ->"
+        rows.append({"prompt": [{"role": "user", "content": prompt}] if i % 3 == 0 else prompt,
+                     "answer": f"a{i}", "n": i, "note": None if i % 2 else {"k": [i]}})
+    return rows
+
+
+def prompt_tokenize(source, tiny_model_dir, **kw):
+    kw = {"drop_bad_rows": False, "local_max_bytes": 0, **kw}  # 0: always Ray tasks
+    return stream.tokenize(stream.plan(source, "train_dataset"), tokenizer_path=tiny_model_dir,
+                           trust_remote_code=False, settings=TokenizeSettings(), kind="prompt",
+                           field="train_dataset", **kw)
+
+
+def test_prompt_rows_tokenized_by_ray_tasks_come_back_as_read_with_prompt_ids(ray_local, tmp_path, tok,
+                                                                              tiny_model_dir, monkeypatch):
+    """kind "prompt" (online DPO): one Ray task per shard; each row comes back with its
+    columns exactly as read (message lists as dicts, None, ints) and its prompt_ids (the chat
+    template with the generation prompt for messages), in file order."""
+    from rayalign.data import prompt_rows as as_rows
+    from rayalign.data import prompt_text_and_ids
+
+    rows = prompt_rows(90)
+    for k in range(3):
+        (tmp_path / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[k * 30:(k + 1) * 30]))
+
+    def all_rows(ds):
+        return [r for batch in ds.iter_batches(batch_size=7, batch_format="pyarrow") for r in as_rows(batch)]
+
+    small = prompt_tokenize(str(tmp_path / "part-*.jsonl"), tiny_model_dir, local_max_bytes=1 << 30)
+    forbid_driver_tokenizing(monkeypatch)
+    out = prompt_tokenize(str(tmp_path / "part-*.jsonl"), tiny_model_dir)
+    got = all_rows(out.dataset)
+    assert got == [{**r, "prompt_ids": prompt_text_and_ids(r["prompt"], tok)[1]} for r in rows]
+    assert tok.decode(got[0]["prompt_ids"]).endswith("<|assistant|>\n")  # messages: the generation prompt
+    assert (out.num_rows, out.num_dropped) == (90, 0) and list(out.row_index()) == list(range(90))
+    assert all_rows(small.dataset) == got  # the driver's shortcut for small data: the same rows
+
+
+def test_a_bad_prompt_past_the_sample_fails_by_file_row_and_field_or_is_dropped(ray_local, tmp_path, tok,
+                                                                                tiny_model_dir):
+    from rayalign.data import BAD_PROMPT
+
+    rows = prompt_rows(100)
+    rows[80]["prompt"] = "  "  # past the 64 rows checked before Ray
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pieces = stream.plan(str(tmp_path / "p.jsonl"))
+    assert stream.check_sample(pieces, tok, TokenizeSettings(), kind="prompt", drop_bad_rows=False,
+                               field="train_dataset") is None
+    with pytest.raises(DataError, match=re.escape(f"p.jsonl row 80, field 'prompt': {BAD_PROMPT}")):
+        prompt_tokenize(str(tmp_path / "p.jsonl"), tiny_model_dir)
+    out = prompt_tokenize(str(tmp_path / "p.jsonl"), tiny_model_dir, drop_bad_rows=True)
+    assert (out.num_rows, out.num_dropped) == (99, 1) and 80 not in set(out.row_index())
+    (tmp_path / "none.jsonl").write_text("".join(json.dumps({"prompt": None, "n": i}) + "\n" for i in range(80)))
+    with pytest.raises(DataError, match=r"train_dataset: .*none.jsonl has no usable prompt rows \(80 dropped\)"):
+        prompt_tokenize(str(tmp_path / "none.jsonl"), tiny_model_dir, drop_bad_rows=True)
+

@@ -20,15 +20,16 @@ import time
 from typing import Callable
 
 import numpy as np
-import ray
 
+from rayalign import data as data_lib
+from rayalign import stream
 from rayalign import weight_sync as weight_sync_lib
 from rayalign.actors.group import ActorGroup, GroupSpec
 from rayalign.actors.learner import PolicyLearner
 from rayalign.actors.reference import Reference
 from rayalign.actors.rollout import Rollout, actor_env, as_completion, generate, sampling_from_config
 from rayalign.config import OnlineDPOConfig
-from rayalign.data import DataError, load_prompt_rows
+from rayalign.data import DataError, TokenizeSettings
 from rayalign.drivers import common, runner
 from rayalign.engines import resolve_backend
 from rayalign.models.loading import load_tokenizer
@@ -39,41 +40,73 @@ from rayalign.tracking import average_metrics
 
 logger = logging.getLogger("rayalign")
 
+PROBE_ROWS = 4  # sample rows the reward functions are probed with before Ray starts
 PLOT_KEYS = ["objective/scores", "eval_objective/scores", "rewards/margins", "objective/kl", "loss",
              "val/contain_eos_token"]
 
 
 class Prompts:
-    """Validated prompt rows and their per-epoch order from a Ray Dataset."""
+    """The train (and eval) prompt rows, the way offline data goes (`rayalign.stream`, kind
+    "prompt"): planned and sample-checked on the driver before anything starts, tokenized by
+    Ray tasks once Ray runs (`tokenize`) into Ray Datasets in the object store. Each epoch
+    shuffles the train set (seed + epoch) and hands it out a batch at a time. The driver keeps
+    counts and a few sample rows for the reward-function probe, not the rows."""
 
     def __init__(self, cfg: OnlineDPOConfig):
         tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
                                    field=cfg.tokenizer_field)
-        self.rows, self.dropped = load_prompt_rows(cfg.train_source, tokenizer, "train_dataset", cfg.drop_bad_rows)
-        self.eval_rows: list[dict] = []
+        settings = TokenizeSettings()  # not read for prompt rows: they are tokenized whole
+        self.cfg = cfg
+        self.tokenize_kwargs = dict(tokenizer_path=cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
+                                    settings=settings, kind="prompt", drop_bad_rows=cfg.drop_bad_rows)
+        check = dict(kind="prompt", drop_bad_rows=cfg.drop_bad_rows)
+        self.train_pieces = stream.plan(cfg.train_source, "train_dataset")
+        rows, sample = stream.check_sample_rows(self.train_pieces, tokenizer, settings, field="train_dataset", **check)
+        self.eval_pieces = None
         if cfg.eval_source:
-            self.eval_rows, _ = load_prompt_rows(cfg.eval_source, tokenizer, "eval_dataset", cfg.drop_bad_rows)
-        self.conversational = not isinstance(self.rows[0]["prompt"], str)
+            self.eval_pieces = stream.plan(cfg.eval_source, "eval_dataset")
+            stream.check_sample(self.eval_pieces, tokenizer, settings, field="eval_dataset", **check)
+        picks = np.linspace(0, sample.num_rows - 1, min(PROBE_ROWS, sample.num_rows)).astype(int)
+        self.sample = data_lib.prompt_rows(sample.take(picks))  # a few rows spread over the checked ones
         self.batch = cfg.prompts_per_step
-        self.steps_per_epoch = len(self.rows) // self.batch
-        if self.steps_per_epoch < 1:
-            raise DataError(f"train_dataset: {len(self.rows)} prompts are too few for one step of "
+        self.prefetch = cfg.dataloader_prefetch_factor or 1  # batches Ray Data fetches ahead
+        # data no larger than the sample was checked whole: too few prompts fail before Ray starts
+        self.steps_per_epoch = None if rows is None else self._steps(rows)
+        self.train = self.eval = None  # stream.Tokenized, once tokenize() ran
+        self.conversational = None
+
+    def _steps(self, rows: int) -> int:
+        cfg = self.cfg
+        if rows // self.batch < 1:
+            raise DataError(f"train_dataset: {rows} prompts are too few for one step of "
                             f"{cfg.learner.num_actors} learner(s) x per_device_train_batch_size="
                             f"{cfg.per_device_train_batch_size} x gradient_accumulation_steps="
                             f"{cfg.gradient_accumulation_steps}")
-        self.seed = cfg.seed
-        self.prefetch = cfg.dataloader_prefetch_factor or 1  # batches of row ids Ray Data fetches ahead
-        self._ds = None
+        return rows // self.batch
+
+    def tokenize(self) -> None:
+        """Tokenize the prompts across the cluster (once Ray runs); bad rows fail here by file,
+        row and field (or are dropped and counted), before any actor starts."""
+        self.train = stream.tokenize(self.train_pieces, field="train_dataset", **self.tokenize_kwargs)
+        self.steps_per_epoch = self._steps(self.train.num_rows)
+        first = data_lib.prompt_rows(self.train.dataset.take_batch(1, batch_format="pyarrow"))[0]
+        self.conversational = not isinstance(first["prompt"], str)
+        if self.eval_pieces is not None:
+            self.eval = stream.tokenize(self.eval_pieces, field="eval_dataset", **self.tokenize_kwargs)
 
     def epoch_batches(self, epoch: int, skip: int):
-        """Row batches of one epoch (shuffled by a Ray Dataset with seed + epoch)."""
-        if self._ds is None:
-            self._ds = ray.data.range(len(self.rows))
-        it = self._ds.random_shuffle(seed=self.seed + epoch).iter_batches(
-            batch_size=self.batch, batch_format="numpy", drop_last=True, prefetch_batches=self.prefetch)
+        """Row batches of one epoch (shuffled with seed + epoch; the last partial batch dropped),
+        from batch `skip` on: a resumed run sees the batches an uninterrupted one does."""
+        it = self.train.dataset.random_shuffle(seed=self.cfg.seed + epoch).iter_batches(
+            batch_size=self.batch, batch_format="pyarrow", drop_last=True, prefetch_batches=self.prefetch)
         for i, batch in enumerate(it):
             if i >= skip:
-                yield [self.rows[int(j)] for j in batch["id"]]
+                yield data_lib.prompt_rows(batch)
+
+    def eval_batches(self, size: int):
+        """The eval rows in file order, `size` at a time."""
+        for batch in self.eval.dataset.iter_batches(batch_size=size, batch_format="pyarrow"):
+            yield data_lib.prompt_rows(batch)
 
 
 def train_online(cfg: OnlineDPOConfig, on_step: Callable[[runner.StepRecord], None] | None = None) -> dict:
@@ -91,16 +124,23 @@ class OnlineDPOJob(runner.Job):
     log_files = ("metrics.jsonl", "weight_sync.jsonl")
 
     def __init__(self, cfg: OnlineDPOConfig):
-        self.prompts = Prompts(cfg)  # every prompt row checked before anything starts
+        # paths, formats and every prompt file's first rows, before Ray starts; prepare()
+        # tokenizes the rest across the cluster and sizes the run by the rows it kept
+        self.prompts = Prompts(cfg)
         common.check_models(cfg)
         if cfg.judge is None:
             check_reward_sources(cfg.reward_sources, trust_remote_code=cfg.trust_remote_code)
-            probe_reward_functions(cfg.reward_sources, self.prompts.rows)
+            if self.prompts.sample:
+                probe_reward_functions(cfg.reward_sources, self.prompts.sample)
+            else:
+                logger.warning("train_dataset: no usable prompt among the first rows of its files: the reward "
+                               "functions are not probed before the first step")
         else:
             check_judge_model(cfg.judge, "judge", trust_remote_code=cfg.trust_remote_code)
         self.backend = resolve_backend(cfg.rollout.backend)
         per_epoch = self.prompts.steps_per_epoch
-        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+        total = (cfg.max_steps if cfg.max_steps > 0 else
+                 None if per_epoch is None else math.ceil(cfg.num_train_epochs * per_epoch))
         super().__init__(cfg, total, per_epoch, cfg.prompts_per_step * 2)
         self.groups: list[ActorGroup] = []
         self.scorer = self.judge = self.batches = self.sync = None
@@ -115,6 +155,14 @@ class OnlineDPOJob(runner.Job):
         if cfg.judge is not None:
             need += cfg.judge.num_cpus
         return common.local_cpus(cfg.ray, need, spare=1)
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        self.prompts.tokenize()
+        if self.steps_per_epoch is None:
+            self.steps_per_epoch = self.prompts.steps_per_epoch
+            self.total_steps = (cfg.max_steps if cfg.max_steps > 0
+                                else math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
 
     def start(self) -> ActorGroup:
         cfg = self.cfg
@@ -146,7 +194,7 @@ class OnlineDPOJob(runner.Job):
         return self.learners
 
     def _group(self, cls, role: str, section, args: tuple, env_vars: dict | None = None) -> ActorGroup:
-        spec = GroupSpec(role, section.num_actors, section.num_cpus_per_actor, section.num_gpus_per_actor)
+        spec = GroupSpec.of(role, section)
         group = ActorGroup(cls, spec, args=args, env_vars=env_vars,
                            placement_timeout_s=self.cfg.ray.placement_timeout_s)
         self.groups.append(group)
@@ -223,28 +271,30 @@ class OnlineDPOJob(runner.Job):
 
     @property
     def has_eval(self) -> bool:
-        return bool(self.prompts.eval_rows)
+        return self.prompts.eval_pieces is not None
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy completions for the eval prompts, scored by the reward sources. Prompts go out
         per_device_eval_batch_size per rollout actor at a time, as Trainer's eval loop hands each
-        process per_device_eval_batch_size rows. (TRL 1.16's OnlineDPOTrainer inherits Trainer's
+        process per_device_eval_batch_size rows, and are scored as they come back (the driver
+        holds one batch of eval rows). (TRL 1.16's OnlineDPOTrainer inherits Trainer's
         evaluate(), which fails on prompt-only rows: this evaluation is rayalign's own.)"""
-        cfg, rows = self.cfg, self.prompts.eval_rows
+        cfg = self.cfg
         sampling = {**sampling_from_config(cfg, n=1), "temperature": 0.0}
-        size = cfg.per_device_eval_batch_size * len(self.rollouts)
-        flat = []
-        for first in range(0, len(rows), size):
-            part = [r["prompt_ids"] for r in rows[first:first + size]]
-            flat += [c[0] for c in generate(self.rollouts, part, sampling, seed=cfg.seed, version=step,
-                                             timeout=cfg.rollout.generate_timeout_s)]
-        metrics = {"eval_val/contain_eos_token": float(np.mean([c["eos"] for c in flat]))}
+        eos, scores = [], []
+        for rows in self.prompts.eval_batches(cfg.per_device_eval_batch_size * len(self.rollouts)):
+            flat = [c[0] for c in generate(self.rollouts, [r["prompt_ids"] for r in rows], sampling, seed=cfg.seed,
+                                           version=step, timeout=cfg.rollout.generate_timeout_s)]
+            eos += [c["eos"] for c in flat]
+            if self.scorer is not None:
+                texts = [as_completion(c["text"], self.prompts.conversational) for c in flat]
+                extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+                total, _ = self.scorer.score([r["prompt"] for r in rows], texts, [c["token_ids"] for c in flat],
+                                             [c["eos"] for c in flat], None, **extra)
+                scores.append(total)
+        metrics = {"eval_val/contain_eos_token": float(np.mean(eos))}
         if self.scorer is not None:
-            texts = [as_completion(c["text"], self.prompts.conversational) for c in flat]
-            extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
-            total, _ = self.scorer.score([r["prompt"] for r in rows], texts, [c["token_ids"] for c in flat],
-                                         [c["eos"] for c in flat], None, **extra)
-            metrics["eval_objective/scores"] = float(total.mean())
+            metrics["eval_objective/scores"] = float(np.concatenate(scores).mean())
         return metrics
 
     def owns_dir(self, log_dir: str) -> None:
@@ -252,7 +302,7 @@ class OnlineDPOJob(runner.Job):
 
     def log_step(self, done: int, result: runner.StepResult, tracker) -> None:
         cfg = self.cfg
-        every = cfg.log_completions_steps or cfg.every("logging", self.total_steps, self.prompts.steps_per_epoch)
+        every = cfg.log_completions_steps or cfg.every("logging", self.total_steps, self.steps_per_epoch)
         if cfg.log_completions and ((every and done % every == 0) or done == self.total_steps):
             tracker.log_table("completions", result.table[: cfg.num_completions_to_log], done)
 

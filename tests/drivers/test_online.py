@@ -15,6 +15,7 @@ import rayalign
 from rayalign.config import ConfigError, OnlineDPOConfig, from_dict
 from rayalign.models import weights as weights_lib
 from rayalign.weight_sync import WeightSyncError
+from tests.helpers import forbid_driver_tokenizing
 
 TRL_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores", "objective/scores_margin", "rewards/chosen", "rewards/rejected",
@@ -210,7 +211,8 @@ def test_online_eval_generates_per_device_eval_batch_size_prompts_per_rollout_ac
 
     job = OnlineDPOJob.__new__(OnlineDPOJob)  # the evaluation alone: no learners, models or data files
     job.cfg = from_dict(OnlineDPOConfig, base("m", tmp_path, tmp_path / "o", per_device_eval_batch_size=3))
-    job.prompts = SimpleNamespace(eval_rows=[{"prompt": i, "prompt_ids": [i]} for i in range(14)],
+    rows = [{"prompt": i, "prompt_ids": [i]} for i in range(14)]
+    job.prompts = SimpleNamespace(eval_batches=lambda size: (rows[i:i + size] for i in range(0, len(rows), size)),
                                   conversational=False)
     job.scorer = TextChecker()
     job.rollouts = ActorGroup(RecordingRollout, GroupSpec("rollout", 2, 0.25))
@@ -221,6 +223,125 @@ def test_online_eval_generates_per_device_eval_batch_size_prompts_per_rollout_ac
         job.rollouts.shutdown()
     assert calls == [[3, 3, 1], [3, 3, 1]]
     assert metrics == {"eval_val/contain_eos_token": 0.5, "eval_objective/scores": 1.0}
+
+
+def write_prompt_shards(root: Path, rows: list[dict], shards: int, fmt: str = "jsonl") -> Path:
+    """`rows` split into `shards` files of one format under `root`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True)
+    per = -(-len(rows) // shards)
+    for k in range(shards):
+        part = rows[k * per:(k + 1) * per]
+        if fmt == "parquet":
+            pq.write_table(pa.Table.from_pylist(part), root / f"part-{k}.parquet")
+        else:
+            (root / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root
+
+
+def reverse_prompt(i: int) -> str:
+    return f"Reverse: {' '.join('abcdef'[:2 + i % 5])} ->"
+
+
+@pytest.mark.slow
+def test_prompts_as_parquet_shards_by_file_uri_train_and_reach_reward_functions_as_read(
+        ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    """train_dataset and eval_dataset as file:// URIs of Parquet shard dirs, every shard
+    tokenized by a Ray task (RAYALIGN_LOCAL_TOKENIZE_BYTES=0): the run trains, and the reward
+    function gets the prompts and columns as written (message lists as plain dicts, ints,
+    None) before Ray starts, at every step, and, in file order, at evaluation."""
+    from tests import reward_helpers
+
+    def rows(n: int, tag: str) -> list[dict]:
+        return [{"prompt": [{"role": "user", "content": reverse_prompt(i)}], "answer": f"{tag}{i}", "n": i,
+                 "note": None if i % 2 else "even"} for i in range(n)]
+
+    train, evaluation = rows(48, "t"), rows(6, "e")
+    write_prompt_shards(tmp_path / "train", train, 3, "parquet")
+    write_prompt_shards(tmp_path / "eval", evaluation, 2, "parquet")
+    monkeypatch.setenv("RAYALIGN_LOCAL_TOKENIZE_BYTES", "0")
+    forbid_driver_tokenizing(monkeypatch)
+    reward_helpers.SEEN.clear()
+    result = rayalign.train_online_dpo(base(
+        tiny_model_dir, tmp_path, tmp_path / "run", max_steps=2, per_device_train_batch_size=4,
+        per_device_eval_batch_size=4, max_new_tokens=4, train_dataset=f"file://{tmp_path}/train",
+        eval_dataset=f"file://{tmp_path}/eval", reward_funcs=["tests.reward_helpers:record"],
+        reference={"mode": "none"}))
+    assert result["total_steps"] == 2 and "eval_objective/scores" in result["metrics"]
+
+    calls = reward_helpers.SEEN
+    for call in calls:
+        assert set(call["columns"]) == {"answer", "n", "note"}  # no row_index, no pickled row
+        for prompt in call["prompts"]:
+            assert type(prompt) is list and all(type(m) is dict and set(m) == {"role", "content"} for m in prompt)
+        for n, answer, note in zip(call["columns"]["n"], call["columns"]["answer"], call["columns"]["note"]):
+            assert type(n) is int and answer[1:] == str(n) and note == (None if n % 2 else "even")
+    assert len([c for c in calls if c["columns"]["answer"][0][0] == "t"]) == 3  # the probe, then 2 steps
+    evals = [c for c in calls if c["columns"]["answer"][0][0] == "e"]  # chunks of 4 (one rollout actor)
+    assert [len(c["prompts"]) for c in evals][:2] == [4, 2]
+    answers = [a for c in evals for a in c["columns"]["answer"]]
+    assert answers and answers == [r["answer"] for r in evaluation] * (len(answers) // 6)
+    assert [p for c in evals for p in c["prompts"]][:6] == [r["prompt"] for r in evaluation]
+
+
+@pytest.mark.slow
+def test_the_driver_holds_no_prompt_rows_and_a_resumed_epoch_sees_the_same_batches(
+        ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    """300 prompts in JSONL shards, one bad row past the checked sample (dropped and counted,
+    drop_bad_rows): the job is sized once Ray tokenized them; the driver's Prompts keeps
+    pieces, counts and a few sample rows, not the rows; an epoch's batches come from the Ray
+    Dataset, the same for a fresh job (seed + epoch) and from any batch on (resume)."""
+    from rayalign.drivers.online import PROBE_ROWS, OnlineDPOJob
+
+    rows = [{"prompt": reverse_prompt(i), "n": i} for i in range(300)]
+    rows[180]["prompt"] = ""  # row 80 of the second shard
+    write_prompt_shards(tmp_path / "p", rows, 3)
+    monkeypatch.setenv("RAYALIGN_LOCAL_TOKENIZE_BYTES", "0")
+    forbid_driver_tokenizing(monkeypatch)
+    cfg = from_dict(OnlineDPOConfig, base(tiny_model_dir, tmp_path, tmp_path / "o", max_steps=-1,
+                                          num_train_epochs=2, drop_bad_rows=True,
+                                          train_dataset=str(tmp_path / "p" / "*.jsonl")))
+
+    def prepared() -> OnlineDPOJob:
+        job = OnlineDPOJob(cfg)
+        assert job.steps_per_epoch is None and job.total_steps is None  # larger than the sample
+        job.prepare()
+        return job
+
+    job = prepared()
+    prompts = job.prompts
+    assert (prompts.train.num_rows, prompts.train.num_dropped) == (299, 1)
+    assert (job.steps_per_epoch, job.total_steps) == (299 // 8, 2 * (299 // 8))
+    lists_of_rows = [k for k, v in vars(prompts).items() if isinstance(v, list) and any(isinstance(r, dict) for r in v)]
+    assert lists_of_rows == ["sample"] and len(prompts.sample) == PROBE_ROWS
+
+    epoch = list(prompts.epoch_batches(0, 0))
+    assert len(epoch) == 37 and all(len(batch) == 8 for batch in epoch)
+    order = [r["n"] for batch in epoch for r in batch]
+    assert len(set(order)) == 296 and 180 not in order and order != sorted(order)
+    for r in epoch[0]:
+        assert r == {"prompt": reverse_prompt(r["n"]), "n": r["n"], "prompt_ids": r["prompt_ids"]}
+        assert type(r["prompt_ids"]) is list and all(type(t) is int for t in r["prompt_ids"])
+    assert list(prompts.epoch_batches(0, 5)) == epoch[5:]  # resumed after step 5
+    second = list(prompts.epoch_batches(1, 0))
+    assert second != epoch
+    fresh = prepared().prompts  # another run: tokenized again, shuffled the same
+    assert list(fresh.epoch_batches(0, 0)) == epoch and list(fresh.epoch_batches(1, 3)) == second[3:]
+
+
+def test_a_bad_prompt_past_the_sample_fails_before_any_actor_naming_file_row_and_field(
+        ray_local, tiny_model_dir, tmp_path):
+    from rayalign.data import BAD_PROMPT, DataError
+
+    rows = [{"prompt": reverse_prompt(i)} for i in range(100)]
+    rows[80] = {"prompt": 3}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=re.escape(f"prompts.jsonl row 80, field 'prompt': {BAD_PROMPT}")):
+        rayalign.train_online_dpo(base(tiny_model_dir, tmp_path, tmp_path / "run", train_dataset=str(path)))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("over, field", [

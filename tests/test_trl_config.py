@@ -256,3 +256,8 @@ def test_trl_data_loading_knobs_are_rayalign_fields_or_name_the_one_to_use():
         load_config(DPOConfig, None, {**REQUIRED, "dataloader_num_workers": 4})
     with pytest.raises(ConfigError, match=r"dataset_num_proc: must be >= 1"):
         load_config(DPOConfig, None, {**REQUIRED, "dataset_num_proc": 0})
+
+
+def test_online_dpo_takes_dataset_num_proc_for_its_prompt_tokenize_tasks():
+    cfg = load_config(OnlineDPOConfig, None, {**REQUIRED, **ONLINE, "dataset_num_proc": 2})
+    assert cfg.dataset_num_proc == 2

@@ -66,8 +66,6 @@ class OnlineDPOConfig(TrainConfig, SamplingConfig):
                  "start to fit max_length together with max_new_tokens; set max_length")
         _require(self.max_completion_length is None, "max_completion_length",
                  "not used by online DPO: completions are max_new_tokens long at most; set max_new_tokens")
-        _require(self.dataset_num_proc is None, "dataset_num_proc",
-                 "not used by online DPO: its prompt rows are read and tokenized by the driver")
         if self.missing_eos_penalty is not None:
             _require(self.missing_eos_penalty >= 0, "missing_eos_penalty", "must be >= 0 or null")
         for i, spec in enumerate(self.reward_funcs):

@@ -58,7 +58,8 @@ class Prompts:
         settings = TokenizeSettings()  # not read for prompt rows: they are tokenized whole
         self.cfg = cfg
         self.tokenize_kwargs = dict(tokenizer_path=cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
-                                    settings=settings, kind="prompt", drop_bad_rows=cfg.drop_bad_rows)
+                                    settings=settings, kind="prompt", drop_bad_rows=cfg.drop_bad_rows,
+                                    num_proc=cfg.dataset_num_proc)
         check = dict(kind="prompt", drop_bad_rows=cfg.drop_bad_rows)
         self.train_pieces = stream.plan(cfg.train_source, "train_dataset")
         rows, sample = stream.check_sample_rows(self.train_pieces, tokenizer, settings, field="train_dataset", **check)

@@ -199,8 +199,9 @@ def test_dataset_name_trains_and_evaluates_from_its_splits(ray_local, tmp_path, 
                                         "eval_strategy": "steps", "eval_steps": 5,
                                         "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "out")})
     data = prepare_data(cfg, "dpo")
-    data.build(cfg)
-    assert data.num_train_rows == 12 and len(data.eval_rows) == 4
+    _, eval_batches = data.build(cfg)
+    assert data.num_train_rows == 12 and [rows for _, rows in eval_batches] == [4]  # the test split
+    assert all(isinstance(ref, ray_local.ObjectRef) for ref, _ in eval_batches)  # in the object store, not the driver
 
 
 def test_globs_uris_and_shard_dirs_read_every_shard_in_order(tmp_path, monkeypatch):

@@ -362,9 +362,11 @@ class PolicyLearner(DistributedWorker):
     @on_compute_thread
     @torch.no_grad()
     def sum_eval_metrics(self, batches: list, weights: list[float]) -> dict:
-        """Weighted metric sums over eval batches (weight 0 pads ranks to equal counts, so
-        every rank runs the same number of forwards — ZeRO-3 gathers need that); under
-        "__pooled__" the weighted totals and counts of the `objectives.Pooled` metrics."""
+        """Weighted metric sums over eval batches (or object refs of them: the driver keeps
+        the eval set in the object store; weight 0 pads ranks to equal counts, so every rank
+        runs the same number of forwards — ZeRO-3 gathers need that); under "__pooled__" the
+        weighted totals and counts of the `objectives.Pooled` metrics."""
+        batches = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in batches]
         self.engine.eval()
         sums: dict[str, float] = {}
         pooled: dict[str, tuple[float, float]] = {}

@@ -115,7 +115,7 @@ class PreparedData:
     _cache: tuple | None = None
     _cache_dir: str | None = None
     _row_index_array: np.ndarray | None = None
-    eval_rows: list = field(default_factory=list)
+    eval_rows: list = field(default_factory=list)  # the first num_generate_prompts eval rows (generate_during_eval)
     cache_missed: bool = False  # precompute: the cache was missing when the job started
     scoring_seconds: float = 0.0  # spent scoring the train set before training
 
@@ -128,22 +128,14 @@ class PreparedData:
 
     def build(self, cfg: TrainConfig) -> tuple[Callable[[int], object], list]:
         """Tokenize across the cluster and create the Ray Datasets (after ray.init); returns
-        (epoch -> dataset, eval batches)."""
+        (epoch -> dataset, eval batches: `_eval_batches`)."""
         if self.train_pieces is not None:  # no training rows when only evaluating (prepare_data(eval_only=True))
             self.train = self.tokenize(self.train_pieces, "train_dataset")
             steps_per_epoch(self.train.num_rows, cfg)  # too few rows: fail before any actor starts
             self._train = self.train.dataset
         eval_batches = []
         if self.eval_pieces is not None:
-            evaluation = self.tokenize(self.eval_pieces, "eval_dataset").dataset
-            if self.kind == "dpo" and cfg.reference_mode == "precompute":
-                self.eval_rows = self._scored_rows(cfg, evaluation, self.eval_path, self.eval_pieces)
-            else:
-                self.eval_rows = evaluation.take_all()
-            objective = objectives.for_config(cfg)  # eval batches collate as the learners' do
-            size = cfg.per_device_eval_batch_size
-            eval_batches = [objective.collate(self.eval_rows[i:i + size], self.pad_token_id)[0]
-                            for i in range(0, len(self.eval_rows), size)]
+            eval_batches = self._eval_batches(cfg, self.tokenize(self.eval_pieces, "eval_dataset").dataset)
         if self.kind == "dpo" and cfg.reference_mode == "precompute" and self.train is not None:
             self._cache_dir = refcache.cache_dir(cfg, self.train_path, stream.fingerprint(self.train_pieces))
             storage.makedirs(self._cache_dir)
@@ -218,17 +210,46 @@ class PreparedData:
             num_cpus=cfg.reference.num_cpus_per_actor, num_gpus=cfg.reference.num_gpus_per_actor or None,
             resources=cfg.reference.resources or None, batch_size=cfg.reference.batch_size, batch_format="numpy")
 
-    def _scored_rows(self, cfg: DPOConfig, ds, path: str, pieces: list) -> list[dict]:
-        """Eval rows with reference log-probs, through the same cache (computed eagerly)."""
-        cache_dir = refcache.cache_dir(cfg, path, stream.fingerprint(pieces))
+    def _eval_batches(self, cfg: TrainConfig, evaluation) -> list[tuple]:
+        """The eval set as (object ref, rows) per per_device_eval_batch_size batch in file
+        order, collated as the learners' batches are and put in the object store one at a
+        time: the driver holds references, not the eval rows (it keeps the first
+        num_generate_prompts for generate_during_eval)."""
+        import ray
+
+        scored = None
+        if self.kind == "dpo" and cfg.reference_mode == "precompute":
+            scored = self._eval_reference(cfg, evaluation)
+        objective = objectives.for_config(cfg)
+        keep = getattr(cfg, "num_generate_prompts", 0)
+        out, rows = [], []
+        for row in evaluation.iter_rows():  # a materialized dataset: its blocks in file order
+            if scored is not None:
+                i = int(row["row_index"])
+                row = {**row, "ref_chosen_logps": scored[0][i], "ref_rejected_logps": scored[1][i]}
+            if len(self.eval_rows) < keep:
+                self.eval_rows.append(row)
+            rows.append(row)
+            if len(rows) == cfg.per_device_eval_batch_size:
+                out.append((ray.put(objective.collate(rows, self.pad_token_id)[0]), len(rows)))
+                rows = []
+        if rows:
+            out.append((ray.put(objective.collate(rows, self.pad_token_id)[0]), len(rows)))
+        return out
+
+    def _eval_reference(self, cfg: DPOConfig, ds) -> tuple[np.ndarray, np.ndarray]:
+        """The eval rows' reference log-probs (chosen, rejected; indexed by row_index), through
+        the same cache as the training rows' (scored now on a miss)."""
+        cache_dir = refcache.cache_dir(cfg, self.eval_path, stream.fingerprint(self.eval_pieces))
         storage.makedirs(cache_dir)
-        row_index = np.asarray([r["row_index"] for r in ds.select_columns(["row_index"]).take_all()], dtype=np.int64)
+        row_index = np.concatenate([b["row_index"] for b in ds.select_columns(["row_index"]).iter_batches(
+            batch_size=None, batch_format="numpy")]).astype(np.int64)
         cached = refcache.load_cached(cache_dir, len(row_index), row_index)
         if cached is None:
             self._attach_reference(cfg, ds, cache_dir=cache_dir).materialize()
             refcache.finalize(cache_dir, len(row_index))
             cached = refcache.load_cached(cache_dir, len(row_index), row_index)
-        return self._attach_reference(cfg, ds, cached=cached).take_all()
+        return cached
 
     def end_epoch(self, cfg: DPOConfig) -> None:
         """After the first pass in precompute mode the streamed parts become the cache; rows
@@ -319,9 +340,9 @@ def check_models(cfg: TrainConfig) -> None:
         check_model_dir(path, name, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
 
 
-def eval_metrics(learners: ActorGroup, batches: list) -> dict[str, float]:
+def eval_metrics(learners: ActorGroup, batches: list[tuple]) -> dict[str, float]:
     """eval_* metrics as TRL's `evaluate()` returns them (per_device_eval_batch_size batches in
-    file order): eval_loss is the mean over eval rows of their batch's loss (Trainer repeats
+    file order, as `PreparedData._eval_batches` gives them): eval_loss is the mean over eval rows of their batch's loss (Trainer repeats
     each batch's loss per row and accelerate cuts the last batch's copies to its rows); every
     other metric is the mean of its per-step values, each eval step counting once (TRL averages
     its per-step logs); plus eval_runtime / eval_samples_per_second / eval_steps_per_second.
@@ -333,15 +354,15 @@ def eval_metrics(learners: ActorGroup, batches: list) -> dict[str, float]:
     per_step: list[tuple[int, dict]] = []  # (rows, metrics) of every step
     started = time.time()
     for first in range(0, len(batches), n):
-        own = batches[first:first + n]
-        args = [([own[r]], [1.0]) if r < len(own) else ([batches[0]], [0.0]) for r in range(n)]
+        own = batches[first:first + n]  # (object ref of a collated batch, its rows)
+        args = [([own[r][0]], [1.0]) if r < len(own) else ([batches[0][0]], [0.0]) for r in range(n)]
         results = learners.scatter("sum_eval_metrics", args)[:len(own)]
         count = sum(res["__count__"] for res in results)
         step = {k: sum(res[k] for res in results) / count for k in results[0] if not k.startswith("__")}
         for k in results[0]["__pooled__"]:
             total, tokens = (sum(res["__pooled__"][k][i] for res in results) for i in (0, 1))
             step[k] = total / tokens if tokens > 0 else 0.0
-        per_step.append((sum(len(b) for b in own), step))
+        per_step.append((sum(rows for _, rows in own), step))
     runtime = max(time.time() - started, 1e-9)
     metrics = {f"eval_{k}": sum(m[k] for _, m in per_step) / len(per_step) for k in per_step[0][1]}
     rows = sum(size for size, _ in per_step)

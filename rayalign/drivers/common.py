@@ -129,6 +129,11 @@ class PreparedData:
     def build(self, cfg: TrainConfig) -> tuple[Callable[[int], object], list]:
         """Tokenize across the cluster and create the Ray Datasets (after ray.init); returns
         (epoch -> dataset, eval batches: `_eval_batches`)."""
+        if self.kind == "dpo" and cfg.reference_mode == "precompute":
+            from rayalign.actors.group import check_custom_resources
+
+            # a Ray Data stage asking for a resource no node has would wait for ever: fail now
+            check_custom_resources(cfg.reference.resources, "reference")
         if self.train_pieces is not None:  # no training rows when only evaluating (prepare_data(eval_only=True))
             self.train = self.tokenize(self.train_pieces, "train_dataset")
             steps_per_epoch(self.train.num_rows, cfg)  # too few rows: fail before any actor starts
@@ -197,10 +202,8 @@ class PreparedData:
             return ds.map_batches(add, batch_format="numpy")
         from ray.data import ActorPoolStrategy
 
-        from rayalign.actors.group import check_custom_resources
         from rayalign.actors.reference import ReferenceLogpsStage
 
-        check_custom_resources(cfg.reference.resources, "reference")
         # Streams: learners train on scored blocks while later blocks are still being scored;
         # each scored block also lands in the cache directory.
         return ds.map_batches(
@@ -220,9 +223,13 @@ class PreparedData:
         scored = None
         if self.kind == "dpo" and cfg.reference_mode == "precompute":
             scored = self._eval_reference(cfg, evaluation)
-        objective = objectives.for_config(cfg)
+        objective = objectives.for_config(cfg)  # eval batches collate as the learners' do
         keep = getattr(cfg, "num_generate_prompts", 0)
         out, rows = [], []
+
+        def put() -> None:
+            out.append((ray.put(objective.collate(rows, self.pad_token_id)[0]), len(rows)))
+
         for row in evaluation.iter_rows():  # a materialized dataset: its blocks in file order
             if scored is not None:
                 i = int(row["row_index"])
@@ -231,10 +238,10 @@ class PreparedData:
                 self.eval_rows.append(row)
             rows.append(row)
             if len(rows) == cfg.per_device_eval_batch_size:
-                out.append((ray.put(objective.collate(rows, self.pad_token_id)[0]), len(rows)))
+                put()
                 rows = []
         if rows:
-            out.append((ray.put(objective.collate(rows, self.pad_token_id)[0]), len(rows)))
+            put()
         return out
 
     def _eval_reference(self, cfg: DPOConfig, ds) -> tuple[np.ndarray, np.ndarray]:
@@ -342,8 +349,9 @@ def check_models(cfg: TrainConfig) -> None:
 
 def eval_metrics(learners: ActorGroup, batches: list[tuple]) -> dict[str, float]:
     """eval_* metrics as TRL's `evaluate()` returns them (per_device_eval_batch_size batches in
-    file order, as `PreparedData._eval_batches` gives them): eval_loss is the mean over eval rows of their batch's loss (Trainer repeats
-    each batch's loss per row and accelerate cuts the last batch's copies to its rows); every
+    file order, as `PreparedData._eval_batches` gives them): eval_loss is the mean over eval
+    rows of their batch's loss (Trainer repeats each batch's loss per row and accelerate cuts
+    the last batch's copies to its rows); every
     other metric is the mean of its per-step values, each eval step counting once (TRL averages
     its per-step logs); plus eval_runtime / eval_samples_per_second / eval_steps_per_second.
     A step gives every learner one batch, as TRL's gives every process one (weight 0 pads the

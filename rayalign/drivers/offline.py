@@ -12,7 +12,6 @@ the run skeleton's (`rayalign.drivers.runner`). The driver holds no model.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable
 
 from rayalign.actors.group import ActorGroup, GroupSpec
@@ -73,9 +72,7 @@ class OfflineJob(runner.Job):
         cfg = self.cfg
         self.train_ds, self.eval_batches = self.data.build(cfg)
         if self.steps_per_epoch is None:
-            self.steps_per_epoch = common.steps_per_epoch(self.data.num_train_rows, cfg)
-            self.total_steps = (cfg.max_steps if cfg.max_steps > 0
-                                else math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
+            self.size_by_epoch(common.steps_per_epoch(self.data.num_train_rows, cfg))
 
     def start(self) -> ActorGroup:
         cfg = self.cfg

@@ -14,7 +14,6 @@ DPO step; the new weights (version v+1) are pushed to every rollout actor and ch
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from typing import Callable
@@ -139,10 +138,9 @@ class OnlineDPOJob(runner.Job):
         else:
             check_judge_model(cfg.judge, "judge", trust_remote_code=cfg.trust_remote_code)
         self.backend = resolve_backend(cfg.rollout.backend)
-        per_epoch = self.prompts.steps_per_epoch
-        total = (cfg.max_steps if cfg.max_steps > 0 else
-                 None if per_epoch is None else math.ceil(cfg.num_train_epochs * per_epoch))
-        super().__init__(cfg, total, per_epoch, cfg.prompts_per_step * 2)
+        super().__init__(cfg, cfg.max_steps if cfg.max_steps > 0 else None, None, cfg.prompts_per_step * 2)
+        if self.prompts.steps_per_epoch is not None:  # small data, checked whole: sized before Ray starts
+            self.size_by_epoch(self.prompts.steps_per_epoch)
         self.groups: list[ActorGroup] = []
         self.scorer = self.judge = self.batches = self.sync = None
 
@@ -158,12 +156,9 @@ class OnlineDPOJob(runner.Job):
         return common.local_cpus(cfg.ray, need, spare=1)
 
     def prepare(self) -> None:
-        cfg = self.cfg
         self.prompts.tokenize()
         if self.steps_per_epoch is None:
-            self.steps_per_epoch = self.prompts.steps_per_epoch
-            self.total_steps = (cfg.max_steps if cfg.max_steps > 0
-                                else math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
+            self.size_by_epoch(self.prompts.steps_per_epoch)
 
     def start(self) -> ActorGroup:
         cfg = self.cfg

@@ -69,6 +69,13 @@ class Job(ABC):
         self.steps_per_epoch = steps_per_epoch
         self.samples_per_step = samples_per_step
 
+    def size_by_epoch(self, steps_per_epoch: int) -> None:
+        """Set the epoch's length once known, and total_steps from it unless max_steps set it:
+        num_train_epochs epochs, rounded up (TrainingArguments' rule)."""
+        cfg = self.cfg
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+
     def num_cpus(self) -> int | None:
         """Logical CPUs of a local Ray started for this job (None: Ray's default)."""
         return None

@@ -32,6 +32,28 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _free_worker_range(taken: list[int], width: int = 100) -> int:
+    """The first port of `width` consecutive free ports below the kernel's ephemeral range (so
+    no port the OS hands out, nor any of `taken`, can land in it)."""
+    lo_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for start in range(20000, lo_ephemeral - width, width):
+        if any(start <= p < start + width for p in taken):
+            continue
+        socks = []
+        try:
+            for p in range(start, start + width):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free range of worker ports below the ephemeral range")
+
+
 def _session_pids(sid: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -47,8 +69,9 @@ def _session_pids(sid: int) -> list[int]:
 @pytest.fixture
 def local_head():
     """A Ray head in its own session (so its processes, and only they, can be stopped)."""
-    port, dashboard, client, agent, agent_grpc, runtime_env_agent, metrics = _free_ports(7)
-    worker_lo = 30000 + (port % 200) * 100
+    ports = _free_ports(7)
+    port, dashboard, client, agent, agent_grpc, runtime_env_agent, metrics = ports
+    worker_lo = _free_worker_range(ports)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay short
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -2,11 +2,13 @@
 actors (prompts per rollout actor fixed), with the step parts the cost model in
 docs/scaling.md is fitted to.
 
-    python benchmarks/bench_scaling.py [--steps 10]
+    python benchmarks/bench_scaling.py [--steps 20]
 
 Offline DPO: the 16M-parameter scale model (`scale.build_model`), its long-tailed pairs,
 max_length 384, 4 pairs per learner per step, reference mode none (the learner's own scaling),
-learners of 1 CPU (1 torch thread) each, gloo all-reduce between them. Step time is the
+learners of 1 CPU (1 torch thread) each, gloo all-reduce between them; 2 learners twice: with
+each micro-batch's pairs dealt across them by tokens (`learner.balance_tokens`, the default) and
+as the stream split them. Step time is the
 driver's per-step hook (`runner.run(..., on_step=)`), median over the steps after the first two.
 The gradient all-reduce alone is timed too: two gloo processes all-reduce a float32 tensor of
 the model's parameter count, as the learners' DeepSpeed engines do every step.
@@ -38,7 +40,7 @@ def median_after_warmup(values: list[float]) -> float:
     return statistics.median(values[2:] if len(values) > 3 else values)
 
 
-def offline(model: Path, data: Path, learners: int, steps: int, out: str) -> dict:
+def offline(model: Path, data: Path, learners: int, steps: int, out: str, balance: bool = True) -> dict:
     from rayalign.config import DPOConfig, load_config
     from rayalign.drivers import offline as offline_job, runner
 
@@ -47,12 +49,22 @@ def offline(model: Path, data: Path, learners: int, steps: int, out: str) -> dic
         "per_device_train_batch_size": 4, "max_length": 384, "gradient_checkpointing": False, "seed": 0,
         "reference": {"mode": "none"}, "save_strategy": "no", "logging_steps": 1,
         "logging": {"report_to": [], "progress_bar": False},
-        "learner": {"num_actors": learners, "num_cpus_per_actor": 1}})
+        "learner": {"num_actors": learners, "num_cpus_per_actor": 1, "balance_tokens": balance}})
     times: list[float] = []
-    runner.run(offline_job.job_for(cfg), on_step=lambda r: times.append(r.finished - r.started))
+    imbalance: dict[str, list[float]] = {"dealt": [], "as_split": []}
+
+    def on_step(record) -> None:
+        times.append(record.finished - record.started)
+        m = record.result.metrics
+        if "perf/rank_tokens_imbalance" in m:
+            imbalance["dealt"].append(m["perf/rank_tokens_imbalance"])
+            imbalance["as_split"].append(m["perf/rank_tokens_imbalance_unbalanced"])
+
+    runner.run(offline_job.job_for(cfg), on_step=on_step)
     step = median_after_warmup(times)
-    return {"learners": learners, "pairs_per_step": 4 * learners, "step_s": step,
-            "pairs_per_s": 4 * learners / step, "step_times": times}
+    return {"learners": learners, "balance_tokens": balance, "pairs_per_step": 4 * learners, "step_s": step,
+            "pairs_per_s": 4 * learners / step, "step_times": times,
+            **{f"rank_tokens_imbalance_{k}": statistics.mean(v) for k, v in imbalance.items() if v}}
 
 
 def _allreduce_worker(rank: int, numel: int, reps: int, port: int, out) -> None:
@@ -137,14 +149,14 @@ def one_job(kind: str, n: int, steps: int, work: Path) -> dict:
 
 def run_job(kind: str, n: int, steps: int, work: Path) -> dict:
     out = tempfile.mkdtemp(prefix=f"{kind}-{n}-", dir=work)
-    if kind == "offline":
-        return offline(work / "scale-model", work / "pairs.parquet", n, steps, out)
+    if kind.startswith("offline"):  # offline-split: learner.balance_tokens off
+        return offline(work / "scale-model", work / "pairs.parquet", n, steps, out, balance=kind == "offline")
     return online(f"{work}/tiny", f"{work}/demo-data/prompts_train.jsonl", n, steps, out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--workdir", default="/tmp/rayalign-bench-scaling")
     p.add_argument("--parts", nargs="+", default=["offline", "online"])
     a = p.parse_args()
@@ -171,7 +183,8 @@ def main() -> None:
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "params": numel})
     if "offline" in a.parts:
-        result["offline"] = [one_job("offline", n, a.steps, work) for n in (1, 2)]
+        result["offline"] = [one_job(kind, n, a.steps, work) for kind, n in
+                             (("offline", 1), ("offline", 2), ("offline-split", 2))]
         result["allreduce_s"] = allreduce_seconds(numel)
         result["allreduce_bytes"] = 4 * numel
     if "online" in a.parts:

@@ -47,7 +47,7 @@ class PreferenceBatch:
         start or its end (TRL 1.16's collator). Accepts a list of row dicts or a dict of
         columns (what Ray Data's `iter_batches(batch_format="numpy")` yields).
         """
-        rows = _as_row_list(rows)
+        rows = as_row_list(rows)
         if not rows:
             raise ValueError("PreferenceBatch.from_rows got an empty batch")
         seqs, masks = [], []
@@ -120,7 +120,7 @@ class SequenceBatch:
         max_length: int | None = None, truncation_mode: str = "keep_start",
     ) -> "SequenceBatch":
         """Collate rows with `prompt_ids` and `completion_ids` (truncated like PreferenceBatch)."""
-        rows = _as_row_list(rows)
+        rows = as_row_list(rows)
         if not rows:
             raise ValueError("SequenceBatch.from_rows got an empty batch")
         seqs, masks = [], []
@@ -169,9 +169,67 @@ def pad_sequences(
     return input_ids, attention_mask, completion_mask
 
 
-def _as_row_list(rows: Sequence[Mapping] | Mapping[str, Sequence]) -> list[Mapping]:
+def as_row_list(rows: Sequence[Mapping] | Mapping[str, Sequence]) -> list[Mapping]:
+    """Row dicts from a list of rows or a dict of columns (Ray Data's numpy batches)."""
     if isinstance(rows, Mapping):
         keys = list(rows.keys())
         n = len(rows[keys[0]]) if keys else 0
         return [{k: rows[k][i] for k in keys} for i in range(n)]
     return list(rows)
+
+
+COMPLETION_COLUMNS = ("chosen_ids", "rejected_ids", "completion_ids")
+
+
+def row_tokens(row: Mapping, max_length: int | None = None) -> int:
+    """Tokens a row puts through the model: prompt + completion for each of its sequences
+    (a preference pair has two), each cut at max_length as the collators cut it."""
+    prompt = len(row["prompt_ids"]) if "prompt_ids" in row else 0
+    cap = max_length if max_length is not None else float("inf")
+    return int(sum(min(prompt + len(row[k]), cap) for k in COMPLETION_COLUMNS if k in row))
+
+
+def deal_by_tokens(tokens: Sequence[int], groups: int) -> list[list[int]]:
+    """Indices of `tokens` dealt into `groups` groups of len(tokens) // groups each, so that
+    the groups' token sums are as near equal as a greedy deal gets: longest first, each to
+    the group with the fewest tokens that still has room (ties: the lowest group). Every
+    index lands in exactly one group; each group keeps its indices in ascending order. The
+    same input gives the same deal on every rank."""
+    if groups < 1 or len(tokens) % groups:
+        raise ValueError(f"deal_by_tokens: {len(tokens)} rows do not split into {groups} equal groups")
+    room = len(tokens) // groups
+    load, members = [0] * groups, [[] for _ in range(groups)]
+    for i in sorted(range(len(tokens)), key=lambda i: (-tokens[i], i)):
+        g = min((g for g in range(groups) if len(members[g]) < room), key=lambda g: (load[g], g))
+        load[g] += tokens[i]
+        members[g].append(i)
+    return [sorted(m) for m in members]
+
+
+def imbalance(loads: Sequence[int]) -> float:
+    """The largest group's tokens over the mean: how much longer a synchronous step's slowest
+    rank computes than the average one (1.0: even)."""
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+def deal_rows(rows: Sequence[Mapping], groups: int, per: int,
+              max_length: int | None = None) -> tuple[list[list[Mapping]], list[int], list[int]]:
+    """`rows` laid out as `groups` consecutive shares of micro-batches of `per` rows, dealt
+    again by tokens: micro-batch m of every share is pooled and dealt into `groups` new
+    micro-batches of `per` rows (`deal_by_tokens`), so the step trains on the same rows in
+    the same micro-batch slots, and each rank of a synchronous step gets about the same
+    tokens. Returns (the new shares, each group's tokens before, after)."""
+    if groups < 1 or len(rows) % (groups * per):
+        raise ValueError(f"deal_rows: {len(rows)} rows are not {groups} shares of whole micro-batches of {per}")
+    share = len(rows) // groups
+    tokens = [row_tokens(r, max_length) for r in rows]
+    before = [sum(tokens[g * share:(g + 1) * share]) for g in range(groups)]
+    shares: list[list[Mapping]] = [[] for _ in range(groups)]
+    after = [0] * groups
+    for start in range(0, share, per):
+        slot = [g * share + start + j for g in range(groups) for j in range(per)]
+        for g, picked in enumerate(deal_by_tokens([tokens[i] for i in slot], groups)):
+            shares[g].extend(rows[slot[k]] for k in picked)
+            after[g] += sum(tokens[slot[k]] for k in picked)
+    return shares, before, after

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from rayalign import faults, objectives
+from rayalign import batch as batch_lib, faults, objectives
 from rayalign.actors.compute import on_compute_thread, use_threads
 from rayalign.actors.group import DistributedWorker
 from rayalign.config import TrainConfig, is_adapter_dir
@@ -79,6 +79,7 @@ class PolicyLearner(DistributedWorker):
         self.tokenizer = None
         self.reference = None  # a Reference actor handle in reference.mode=actor
         self._batches: Iterator | None = None
+        self._loads: tuple[list[int], list[int]] = ([], [])  # each rank's tokens this step: as split, as dealt
         self.epoch = 0
         self.batches_consumed = 0  # micro-batches taken from the current epoch's shard
         self._grad_norm: float | None = None  # of the last optimizer step
@@ -158,12 +159,12 @@ class PolicyLearner(DistributedWorker):
         trained on (exact resume)."""
         self.epoch = epoch
         self.batches_consumed = 0
-        pad = self.tokenizer.pad_token_id
-        raw = shard.iter_batches(batch_size=self.cfg.per_device_train_batch_size, batch_format="numpy",
-                                 drop_last=True, prefetch_batches=self.cfg.dataloader_prefetch_factor or 1)
-        self._batches = (self._collate(b, pad) for b in raw)
+        self._batches = iter(shard.iter_batches(
+            batch_size=self.cfg.per_device_train_batch_size, batch_format="numpy", drop_last=True,
+            prefetch_batches=self.cfg.dataloader_prefetch_factor or 1))
         for _ in range(skip_batches):
-            self._next_batch()
+            next(self._batches)
+            self.batches_consumed += 1
 
     def _collate(self, rows, pad: int):
         """A micro-batch; dataloader_pin_memory: in page-locked host memory on a GPU learner, so
@@ -174,9 +175,25 @@ class PolicyLearner(DistributedWorker):
         return batch, inputs
 
     def _next_batch(self):
-        batch = next(self._batches)  # StopIteration: the driver sized epochs wrong
+        rows = next(self._batches)  # StopIteration: the driver sized epochs wrong
         self.batches_consumed += 1
-        return batch
+        return self._collate(self._balanced(rows), self.tokenizer.pad_token_id)
+
+    def _balanced(self, rows):
+        """This rank's rows of the group's next micro-batch (learner.balance_tokens): every
+        rank's rows are gathered and dealt by tokens (`batch.deal_rows`), so the ranks'
+        forward and backward passes take about the same time and none waits at the gradient
+        all-reduce for a longer one. The group trains on the same rows in the same step; the
+        token loads before and after are kept for the step's `perf/` metrics."""
+        if self.world_size == 1 or not self.cfg.learner.balance_tokens:
+            return rows
+        every: list = [None] * self.world_size
+        torch.distributed.all_gather_object(every, batch_lib.as_row_list(rows))
+        shares, before, after = batch_lib.deal_rows([r for part in every for r in part], self.world_size,
+                                                    len(every[self.rank]), getattr(self.cfg, "max_length", None))
+        for loads, new in ((self._loads[0], before), (self._loads[1], after)):
+            loads[:] = [a + b for a, b in zip(loads, new)] if loads else new
+        return shares[self.rank]
 
     def drain(self) -> int:
         """Consume what is left of the epoch's shard (the split is coordinated across ranks)."""
@@ -199,6 +216,7 @@ class PolicyLearner(DistributedWorker):
         cfg = self.cfg
         ga, per = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
         if rows is None:
+            self._loads = ([], [])
             micro = [self._next_batch() for _ in range(ga)]
         else:
             if len(rows) != ga * per:
@@ -229,6 +247,9 @@ class PolicyLearner(DistributedWorker):
         if self._grad_norm is not None:
             out["grad_norm"] = self._grad_norm
         out["learning_rate"] = float(self.engine.get_lr()[0])
+        if rows is None and self._loads[1]:  # the same on every rank
+            out["perf/rank_tokens_imbalance"] = batch_lib.imbalance(self._loads[1])
+            out["perf/rank_tokens_imbalance_unbalanced"] = batch_lib.imbalance(self._loads[0])
         return out
 
     def _sum_over_learners(self, pooled: dict[str, list[tuple[float, float]]], tokens: float | None):

@@ -119,6 +119,9 @@ class LearnerConfig:
     torch_threads: int | None = None  # intra-op threads per learner (None: cpus per actor)
     collective_timeout_s: float = 600.0  # a dead peer raises instead of hanging
     resources: dict[str, float] | None = None  # custom Ray resources per actor (pins the role to nodes)
+    # Deal each micro-batch's rows across the learners by tokens (same rows, same micro-batch
+    # slots: the step's math is unchanged) so no rank of a synchronous step waits on a longer one.
+    balance_tokens: bool = True
 
     def __post_init__(self):
         _require(self.num_actors >= 1, "learner.num_actors", "must be >= 1")

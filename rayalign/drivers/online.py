@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from rayalign import batch as batch_lib
 from rayalign import data as data_lib
 from rayalign import stream
 from rayalign import weight_sync as weight_sync_lib
@@ -229,9 +230,13 @@ class OnlineDPOJob(runner.Job):
         self.sync.before_train()  # colocated engines give the GPU back until the push
         t = time.time()
         beta = cfg.beta_for_epoch(step // self.steps_per_epoch)
-        per = len(pairs) // len(self.learners)
-        results = self.learners.scatter("train_step", [(pairs[i * per:(i + 1) * per], beta)
-                                                       for i in range(len(self.learners))],
+        n = len(self.learners)
+        shares = [pairs[i * len(pairs) // n:(i + 1) * len(pairs) // n] for i in range(n)]
+        if n > 1 and cfg.learner.balance_tokens:  # the same pairs in each micro-batch slot, dealt by tokens
+            shares, before, after = batch_lib.deal_rows(pairs, n, cfg.per_device_train_batch_size, cfg.max_length)
+            out.metrics["perf/rank_tokens_imbalance"] = batch_lib.imbalance(after)
+            out.metrics["perf/rank_tokens_imbalance_unbalanced"] = batch_lib.imbalance(before)
+        results = self.learners.scatter("train_step", [(share, beta) for share in shares],
                                         timeout=cfg.learner.collective_timeout_s)
         out.metrics.update(average_metrics(results))
         out.metrics["timing/train_s"] = time.time() - t

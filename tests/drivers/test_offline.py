@@ -174,7 +174,9 @@ def test_implicit_lora_reference_saves_only_the_adapter(ray_local, tiny_model_di
 
 
 def test_two_learners_equal_one_learner_on_the_union_batch(ray_local, tiny_model_dir, small_data, tmp_path):
-    """2 learners x 4 pairs and 1 learner x 8 pairs take the same first step."""
+    """2 learners x 4 pairs and 1 learner x 8 pairs take the same first step, with the pairs
+    dealt across the learners by tokens (learner.balance_tokens, the default) or as the stream
+    split them."""
     common = {"train_dataset": str(small_data / "eight.jsonl"), "eval_dataset": None, "max_steps": 1,
               "save_steps": None, "eval_steps": None, "logging_steps": 1, "adam_epsilon": 1.0,
               "learning_rate": 1e-2}
@@ -182,8 +184,14 @@ def test_two_learners_equal_one_learner_on_the_union_batch(ray_local, tiny_model
                                   learner={"num_actors": 1}, reference={"mode": "actor"}, **common))
     two = rayalign.train_dpo(base(tiny_model_dir, small_data, tmp_path / "two", per_device_train_batch_size=4,
                                   reference={"mode": "actor"}, **common))
-    assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
-    assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-4)
+    split = rayalign.train_dpo(base(tiny_model_dir, small_data, tmp_path / "split", per_device_train_batch_size=4,
+                                    reference={"mode": "actor"}, learner={"balance_tokens": False}, **common))
+    for run in (two, split):
+        assert run["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+        assert run["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-4)
+    (logged,) = train_rows(tmp_path / "two")
+    assert 1.0 <= logged["perf/rank_tokens_imbalance"] <= logged["perf/rank_tokens_imbalance_unbalanced"]
+    assert "perf/rank_tokens_imbalance" not in train_rows(tmp_path / "split")[0]
     a = load_file(str(tmp_path / "one" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model.safetensors"))
     start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))

@@ -10,6 +10,9 @@ generation, weight push, driver).
 
 from __future__ import annotations
 
+import math
+import random
+
 ASSUMED = {
     "peak_bf16_flops": 989e12,  # H100 / H200 SXM dense bf16 (NVIDIA data sheets; H200 has the same compute)
     "hbm_bytes_per_s": {"H100": 3.35e12, "H200": 4.8e12},  # data sheets
@@ -20,6 +23,41 @@ ASSUMED = {
     "gpus_per_node": 8,
     "driver_s": 0.01,  # Ray calls and driver work per synchronous step
 }
+
+
+# Sequence lengths like the realistic-scale data (benchmarks/scale.py, measured with its tokenizer):
+# log-normal, p90 / p50 = 326 / 118, cut at max_length = 3.25x the median; chosen and rejected
+# independent (their measured correlation: 0.01).
+LENGTHS = {"p90_over_p50": 326 / 118, "cap_over_p50": 384 / 118}
+
+
+def rank_skew(n: int, pairs_per_gpu: int, dealt: bool, reps: int = 2000, seed: int = 0) -> float:
+    """E[tokens of the busiest rank] / E[tokens per rank] for a synchronous step of n ranks x
+    pairs_per_gpu pairs with LENGTHS: every rank waits for the busiest one at the gradient
+    all-reduce, so compute time scales by this. `dealt`: the step's pairs dealt by tokens
+    (learner.balance_tokens: longest first to the lightest rank with room); else as split.
+    On this data, 2 ranks x 4 pairs: 1.137 split (the real pairs: 1.121; the learners'
+    measured imbalance: 1.133), 1.022 dealt (measured: 1.016)."""
+    rng = random.Random(seed)
+    sigma = math.log(LENGTHS["p90_over_p50"]) / 1.2816  # z of the 90th percentile
+
+    def pair() -> float:
+        return sum(min(math.exp(rng.gauss(0.0, sigma)), LENGTHS["cap_over_p50"]) for _ in range(2))
+
+    busiest = mean = 0.0
+    for _ in range(reps):
+        tokens = [pair() for _ in range(n * pairs_per_gpu)]
+        if dealt:
+            tokens.sort(reverse=True)
+        loads, count = [0.0] * n, [0] * n
+        for i, t in enumerate(tokens):
+            r = min((r for r in range(n) if count[r] < pairs_per_gpu), key=loads.__getitem__) if dealt \
+                else i // pairs_per_gpu
+            loads[r] += t
+            count[r] += 1
+        busiest += max(loads)
+        mean += sum(loads) / n
+    return busiest / mean
 
 
 def comm_bw(n: int) -> float:
@@ -34,13 +72,17 @@ def allreduce_s(num_bytes: float, n: int) -> float:
 
 
 def offline_dpo(params: float, n: int, pairs_per_gpu: int = 4, tokens_per_seq: int = 1024,
-                live_reference: bool = False, overlap: bool = False) -> dict:
+                live_reference: bool = False, overlap: bool = False, lengths: str = "equal") -> dict:
+    """`tokens_per_seq` is the mean; `lengths`: "equal" (every sequence that long), or LENGTHS'
+    spread with the pairs "split" as they come or "dealt" by tokens (the busiest rank sets the
+    step). Efficiency: the mean rank's compute over the step."""
     tokens = pairs_per_gpu * 2 * tokens_per_seq  # chosen + rejected
     flops = (6 + (2 if live_reference else 0)) * params * tokens
     compute = flops / (ASSUMED["peak_bf16_flops"] * ASSUMED["mfu_train"])
+    busiest = compute * (1.0 if lengths == "equal" or n == 1 else rank_skew(n, pairs_per_gpu, lengths == "dealt"))
     comm = allreduce_s(2 * params, n)  # bf16 gradients
-    step = (max(compute, comm) if overlap else compute + comm) + ASSUMED["driver_s"]
-    return {"gpus": n, "compute_s": compute, "comm_s": comm, "step_s": step,
+    step = (max(busiest, comm) if overlap else busiest + comm) + ASSUMED["driver_s"]
+    return {"gpus": n, "compute_s": compute, "busiest_s": busiest, "comm_s": comm, "step_s": step,
             "pairs_per_s": n * pairs_per_gpu / step, "efficiency": compute / step}
 
 
@@ -75,6 +117,18 @@ def main() -> None:
         print(f"\nOffline DPO, {name}, 4 pairs x 1024 tokens per GPU, precomputed reference, no overlap:")
         print(table([offline_dpo(params, n) for n in (1, 8, 16, 32, 64)],
                     ["gpus", "compute_s", "comm_s", "step_s", "pairs_per_s", "efficiency"]))
+    for name, params in (("0.5B", 0.5e9), ("7B", 7e9)):
+        print(f"\nOffline DPO, {name}, 4 pairs per GPU of 1024 tokens on average, long-tailed lengths "
+              "(LENGTHS), no overlap: pairs as split / dealt by tokens:")
+        rows = []
+        for n in (2, 8, 16, 32, 64):
+            split, dealt = (offline_dpo(params, n, lengths=k) for k in ("split", "dealt"))
+            rows.append({"gpus": n, "busiest/mean split": split["busiest_s"] / split["compute_s"],
+                         "efficiency split": split["efficiency"],
+                         "busiest/mean dealt": dealt["busiest_s"] / dealt["compute_s"],
+                         "efficiency dealt": dealt["efficiency"],
+                         "pairs_per_s dealt / split": dealt["pairs_per_s"] / split["pairs_per_s"]})
+        print(table(rows, list(rows[0])))
     for name, params in (("0.5B", 0.5e9), ("7B", 7e9)):
         print(f"\nOnline DPO, {name}, H100, 32 prompts per learner GPU, prompt 256 + 256 new tokens, "
               "half the GPUs learn, half generate:")

@@ -183,8 +183,9 @@ class PolicyLearner(DistributedWorker):
         """This rank's rows of the group's next micro-batch (learner.balance_tokens): every
         rank's rows are gathered and dealt by tokens (`batch.deal_rows`), so the ranks'
         forward and backward passes take about the same time and none waits at the gradient
-        all-reduce for a longer one. The group trains on the same rows in the same step; the
-        token loads before and after are kept for the step's `perf/` metrics."""
+        all-reduce for a longer one. The group trains on the same rows in the same step (a
+        per-pair loss gives the same gradient; a per-rank token mean, SFT's, weighs the rows as
+        the deal groups them); the token loads before and after are kept for the `perf/` metrics."""
         if self.world_size == 1 or not self.cfg.learner.balance_tokens:
             return rows
         every: list = [None] * self.world_size

@@ -120,7 +120,9 @@ class LearnerConfig:
     collective_timeout_s: float = 600.0  # a dead peer raises instead of hanging
     resources: dict[str, float] | None = None  # custom Ray resources per actor (pins the role to nodes)
     # Deal each micro-batch's rows across the learners by tokens (same rows, same micro-batch
-    # slots: the step's math is unchanged) so no rank of a synchronous step waits on a longer one.
+    # slots) so no rank of a synchronous step waits on a longer one. Per-pair losses (DPO, reward)
+    # give the same step; token-averaged ones (SFT, DPO's `sft` loss type) average each rank's
+    # tokens, so their step depends on which rows a rank holds, dealt or split.
     balance_tokens: bool = True
 
     def __post_init__(self):

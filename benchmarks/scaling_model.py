@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rayalign.batch import deal_by_tokens  # noqa: E402  (the learners' own deal)
 
 ASSUMED = {
     "peak_bf16_flops": 989e12,  # H100 / H200 SXM dense bf16 (NVIDIA data sheets; H200 has the same compute)
@@ -47,14 +52,9 @@ def rank_skew(n: int, pairs_per_gpu: int, dealt: bool, reps: int = 2000, seed: i
     busiest = mean = 0.0
     for _ in range(reps):
         tokens = [pair() for _ in range(n * pairs_per_gpu)]
-        if dealt:
-            tokens.sort(reverse=True)
-        loads, count = [0.0] * n, [0] * n
-        for i, t in enumerate(tokens):
-            r = min((r for r in range(n) if count[r] < pairs_per_gpu), key=loads.__getitem__) if dealt \
-                else i // pairs_per_gpu
-            loads[r] += t
-            count[r] += 1
+        groups = deal_by_tokens(tokens, n) if dealt else \
+            [range(r * pairs_per_gpu, (r + 1) * pairs_per_gpu) for r in range(n)]
+        loads = [sum(tokens[i] for i in g) for g in groups]
         busiest += max(loads)
         mean += sum(loads) / n
     return busiest / mean

@@ -213,6 +213,11 @@ def imbalance(loads: Sequence[int]) -> float:
     return max(loads) / mean if mean > 0 else 1.0
 
 
+def imbalance_metrics(before: Sequence[int], after: Sequence[int]) -> dict[str, float]:
+    """The step metrics of a deal: the ranks' token imbalance as dealt and as split."""
+    return {"perf/rank_tokens_imbalance": imbalance(after), "perf/rank_tokens_imbalance_unbalanced": imbalance(before)}
+
+
 def deal_rows(rows: Sequence[Mapping], groups: int, per: int,
               max_length: int | None = None) -> tuple[list[list[Mapping]], list[int], list[int]]:
     """`rows` laid out as `groups` consecutive shares of micro-batches of `per` rows, dealt

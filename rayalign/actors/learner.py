@@ -192,8 +192,7 @@ class PolicyLearner(DistributedWorker):
         torch.distributed.all_gather_object(every, batch_lib.as_row_list(rows))
         shares, before, after = batch_lib.deal_rows([r for part in every for r in part], self.world_size,
                                                     len(every[self.rank]), getattr(self.cfg, "max_length", None))
-        for loads, new in ((self._loads[0], before), (self._loads[1], after)):
-            loads[:] = [a + b for a, b in zip(loads, new)] if loads else new
+        self._loads = tuple([a + b for a, b in zip(old, new)] for old, new in zip(self._loads, (before, after)))
         return shares[self.rank]
 
     def drain(self) -> int:
@@ -216,8 +215,9 @@ class PolicyLearner(DistributedWorker):
         faults.maybe_crash("train_step", int(self.engine.global_steps) + 1)
         cfg = self.cfg
         ga, per = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
+        dealt = rows is None and self.world_size > 1 and cfg.learner.balance_tokens
         if rows is None:
-            self._loads = ([], [])
+            self._loads = ([0] * self.world_size, [0] * self.world_size)
             micro = [self._next_batch() for _ in range(ga)]
         else:
             if len(rows) != ga * per:
@@ -248,9 +248,8 @@ class PolicyLearner(DistributedWorker):
         if self._grad_norm is not None:
             out["grad_norm"] = self._grad_norm
         out["learning_rate"] = float(self.engine.get_lr()[0])
-        if rows is None and self._loads[1]:  # the same on every rank
-            out["perf/rank_tokens_imbalance"] = batch_lib.imbalance(self._loads[1])
-            out["perf/rank_tokens_imbalance_unbalanced"] = batch_lib.imbalance(self._loads[0])
+        if dealt:  # the same on every rank
+            out.update(batch_lib.imbalance_metrics(*self._loads))
         return out
 
     def _sum_over_learners(self, pooled: dict[str, list[tuple[float, float]]], tokens: float | None):

@@ -231,11 +231,11 @@ class OnlineDPOJob(runner.Job):
         t = time.time()
         beta = cfg.beta_for_epoch(step // self.steps_per_epoch)
         n = len(self.learners)
-        shares = [pairs[i * len(pairs) // n:(i + 1) * len(pairs) // n] for i in range(n)]
         if n > 1 and cfg.learner.balance_tokens:  # the same pairs in each micro-batch slot, dealt by tokens
             shares, before, after = batch_lib.deal_rows(pairs, n, cfg.per_device_train_batch_size, cfg.max_length)
-            out.metrics["perf/rank_tokens_imbalance"] = batch_lib.imbalance(after)
-            out.metrics["perf/rank_tokens_imbalance_unbalanced"] = batch_lib.imbalance(before)
+            out.metrics.update(batch_lib.imbalance_metrics(before, after))
+        else:
+            shares = [pairs[i * len(pairs) // n:(i + 1) * len(pairs) // n] for i in range(n)]
         results = self.learners.scatter("train_step", [(share, beta) for share in shares],
                                         timeout=cfg.learner.collective_timeout_s)
         out.metrics.update(average_metrics(results))
